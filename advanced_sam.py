@@ -1,0 +1,136 @@
+"""AdvancedSAM: SAM (ViT-B/L/H) or MobileSAM (ViT-T) on torch, CUDA when present, CPU otherwise.
+
+Unlike `segment_anything.SamPredictor`, which keeps the current image's features on the predictor (so two
+threads calling `set_image` get each other's masks), this predictor keeps no per-image state: `embed` returns
+the features and `decode` takes them back.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import sam_transforms
+from predictor import Embedding, Prediction, Prompt
+
+log = logging.getLogger(__name__)
+
+#: model type -> (registry module, registry key)
+MODEL_TYPES = {
+    "vit_t": ("mobile_sam", "vit_t"),
+    "vit_b": ("segment_anything", "vit_b"),
+    "vit_l": ("segment_anything", "vit_l"),
+    "vit_h": ("segment_anything", "vit_h"),
+}
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint is missing or is not a checkpoint of the requested model."""
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    """`auto` picks the first CUDA device when one is usable, else the CPU; anything else is taken as is."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {requested!r} was asked for, but torch sees no CUDA device")
+    return device
+
+
+def build_sam(model_type: str, checkpoint: Path | None, device: torch.device) -> torch.nn.Module:
+    """Build a SAM model of `model_type`, load `checkpoint` (None: random weights, for tests) and move it.
+
+    The state dict is read with `weights_only=True` onto the CPU first, so CUDA-saved checkpoints load on
+    CPU-only machines. `.eval()` is called after loading: MobileSAM's builder calls it before the weights are
+    in, which caches TinyViT's attention biases at their initial values.
+    """
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"unknown model type {model_type!r}; choose one of {sorted(MODEL_TYPES)}")
+    package, key = MODEL_TYPES[model_type]
+    if package == "mobile_sam":
+        from mobile_sam import sam_model_registry
+    else:
+        from segment_anything import sam_model_registry
+    model = sam_model_registry[key](checkpoint=None)
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise CheckpointError(f"checkpoint {checkpoint} does not exist; fetch it with `python weights.py "
+                                  f"{'mobile_sam' if model_type == 'vit_t' else model_type}`")
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except (RuntimeError, ValueError, EOFError, OSError) as error:
+            raise CheckpointError(f"{checkpoint} is not a valid {model_type} checkpoint: "
+                                  f"{str(error).splitlines()[0]}") from error
+    model.eval()
+    return model.to(device)
+
+
+class TorchSamPredictor:
+    """A SAM or MobileSAM model on torch behind the `predictor.Predictor` interface. Thread-safe."""
+
+    def __init__(self, model: torch.nn.Module, model_version: str, device: torch.device) -> None:
+        self.model = model
+        self.model_version = model_version
+        self.device = device
+
+    @classmethod
+    def load(cls, model_type: str, checkpoint: Path | None, device: str = "auto",
+             model_version: str | None = None) -> "TorchSamPredictor":
+        torch_device = choose_device(device)
+        model = build_sam(model_type, checkpoint, torch_device)
+        log.info("loaded %s from %s on %s", model_type, checkpoint, torch_device)
+        return cls(model, model_version or model_type, torch_device)
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray) -> Embedding:
+        pixels = torch.from_numpy(sam_transforms.preprocess_image(image)).to(self.device)
+        features = self.model.image_encoder(pixels)
+        return Embedding(features=features.float().cpu().numpy(),
+                         original_size=(int(image.shape[0]), int(image.shape[1])),
+                         input_size=sam_transforms.input_size(image.shape[:2]))
+
+    @torch.inference_mode()
+    def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
+        low_res, iou = self.decode_low_res(embedding, prompt)
+        return sam_transforms.best_prediction(low_res, iou, prompt, embedding)
+
+    @torch.inference_mode()
+    def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
+        """All four decoder outputs: (4, 256, 256) float32 logits and (4,) predicted IoUs."""
+        coords, labels = sam_transforms.decoder_points(prompt, embedding.original_size)
+        mask_input, has_mask = sam_transforms.mask_input_of(prompt)
+        features = torch.from_numpy(embedding.features).to(self.device, torch.float32)
+        encoder = self.model.prompt_encoder
+        sparse = _sparse_embedding(encoder, torch.from_numpy(coords).to(self.device),
+                                   torch.from_numpy(labels).to(self.device))
+        if has_mask[0]:
+            dense = encoder.mask_downscaling(torch.from_numpy(mask_input).to(self.device))
+        else:
+            dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                1, -1, *encoder.image_embedding_size)
+        low_res, iou = self.model.mask_decoder.predict_masks(
+            image_embeddings=features,
+            image_pe=encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+        )
+        return low_res[0].float().cpu().numpy(), iou[0].float().cpu().numpy()
+
+
+def _sparse_embedding(encoder: torch.nn.Module, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Embed (1, N, 2) points in the 1024-frame with (1, N) labels: -1 padding, 0/1 clicks, 2/3 box corners.
+
+    The same arithmetic as `PromptEncoder._embed_points` plus `_embed_boxes`, over one label vector, as in
+    SAM's ONNX decoder; the ONNX export (`onnx_converter.py`) traces this very function.
+    """
+    embedding = encoder.pe_layer.forward_with_coords(coords + 0.5, encoder.input_image_size)
+    labels = labels[..., None]
+    embedding = embedding * (labels != -1) + encoder.not_a_point_embed.weight * (labels == -1)
+    for index, point_embedding in enumerate(encoder.point_embeddings):
+        embedding = embedding + point_embedding.weight * (labels == index)
+    return embedding
