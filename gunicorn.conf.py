@@ -1,0 +1,77 @@
+"""Gunicorn settings for `gunicorn -c gunicorn.conf.py _wsgi:app`, read from the environment.
+
+    PORT     port to listen on, on all interfaces (default 9090)
+    WORKERS  worker processes (default 1). Each worker loads its own copy of the model, so memory grows
+             with WORKERS; one worker with several threads is the right shape for one CPU or one GPU.
+    THREADS  threads per worker (default 8). The predictor keeps no per-request state, so threads share the
+             model; torch and onnxruntime release the GIL while they compute.
+    TIMEOUT  seconds a worker may stay silent before it is restarted (default 120). It also bounds the model
+             load at worker start and the slowest request: a first ViT-H embedding on a CPU takes tens of
+             seconds.
+    LOG_LEVEL  also the backend's own level (settings.py); gunicorn takes it lower-cased.
+
+The worker class is gthread and the access log goes to stdout (`docker compose logs sam` shows it).
+Gunicorn applies GUNICORN_CMD_ARGS and command-line options after this file, so they override it.
+
+Run as a script (`python gunicorn.conf.py`) this file is the container health check: it asks
+http://127.0.0.1:$PORT/health, with HTTP Basic credentials when BASIC_AUTH_USER/BASIC_AUTH_PASS are set (the
+backend then guards every route), and exits 0 on HTTP 200, 1 otherwise. Keeping it here keeps the port in one
+place.
+"""
+from __future__ import annotations
+
+import os
+
+
+def _int_from_env(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+port = _int_from_env("PORT", 9090, 1)
+if port > 65535:
+    raise ValueError(f"PORT={port} is not a TCP port")
+
+bind = f"0.0.0.0:{port}"
+workers = _int_from_env("WORKERS", 1, 1)
+threads = _int_from_env("THREADS", 8, 1)
+timeout = _int_from_env("TIMEOUT", 120, 0)  # 0 disables the worker timeout
+worker_class = "gthread"
+
+accesslog = "-"  # stdout
+errorlog = "-"  # stderr
+loglevel = os.environ.get("LOG_LEVEL", "info").strip().lower() or "info"
+
+# The worker heartbeat file: on tmpfs where there is one (Docker mounts /dev/shm), so a slow disk or a
+# read-only image layer never stalls it.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _health_check() -> int:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/health")
+    user, password = os.environ.get("BASIC_AUTH_USER", ""), os.environ.get("BASIC_AUTH_PASS", "")
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 (fixed loopback URL)
+            return 0 if response.status == 200 else 1
+    except (urllib.error.URLError, OSError) as error:
+        print(f"health check failed: {error}")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(_health_check())
