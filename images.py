@@ -103,7 +103,7 @@ USER_AGENT = "label-studio-sam-backend"
 MEDIA_PATH = re.compile(r"/(?:data/|storage-data/|(?:tasks|projects)/\d+/(?:presign|resolve)/?$)")
 LOCAL_FILES_PATH = re.compile(r"/data/local-files/?$")
 #: formats decode() accepts; Pillow's other plugins (many rarely used, some fragile) are not exposed
-FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "TIFF", "WEBP", "AVIF")
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "AVIF")  # JPEG includes MPO (multi-picture JPEG)
 #: leading bytes of those formats: data starting so that Pillow cannot read is corrupt (422), not foreign (415)
 MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
@@ -227,6 +227,8 @@ class ImageLoader:
         if not MEDIA_PATH.match(parts.path):
             raise ImageError(400, f"image URL {shown} is not a Label Studio media path "
                                   f"(/data/..., /storage-data/..., /tasks/<id>/presign/...)")
+        if any(segment in (".", "..") for segment in unquote(parts.path).split("/")):
+            raise ImageError(400, f"image URL {shown} has . or .. segments")
         if LOCAL_FILES_PATH.match(parts.path):
             root = self._local_root()
             if root is not None:
@@ -320,12 +322,14 @@ class ImageLoader:
         first = redact_url(url)
         current = url
         retried_refresh = False
+        left = False  # the redirect chain has been on another host: no credentials from then on
         hop = 0
         while True:
             parts = urlsplit(current)
             shown = redact_url(current)
             on_ls = ls is not None and _origin(current) == ls.origin
-            credentials = credentials and on_ls
+            left = left or not on_ls
+            credentials = credentials and not left
             private_ok = self._check_target(current, on_ls)
             headers = {"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity"}
             sent: TokenKind = "none"
@@ -355,7 +359,7 @@ class ImageLoader:
                     self._invalidate(ls, headers["Authorization"].split(" ", 1)[1])
                     continue
                 if status in (401, 403) and on_ls:
-                    raise ImageError(502, _refusal_message(ls, sent, status, shown))
+                    raise ImageError(502, _refusal_message(ls, sent, status, shown, left))
                 if status in (404, 410):
                     raise ImageError(404, f"{shown}: not found (HTTP {status})")
                 if status in (401, 403):
@@ -481,7 +485,13 @@ class ImageLoader:
             cached = self._tokens.get(key)
             if cached is not None and time.monotonic() < cached.expires - ACCESS_TOKEN_MARGIN:
                 return cached.token
-            refresh_lock = self._refresh_locks.setdefault(key, threading.Lock())
+            refresh_lock = self._refresh_locks.get(key)
+            if refresh_lock is None:
+                if len(self._refresh_locks) >= 2 * TOKEN_CACHE_SIZE:  # forget idle locks of refreshes that failed
+                    for old in [k for k, lock in self._refresh_locks.items()
+                                if k not in self._tokens and not lock.locked()]:
+                        del self._refresh_locks[old]
+                refresh_lock = self._refresh_locks[key] = threading.Lock()
         with refresh_lock:
             with self._lock:  # another thread may have refreshed while this one waited
                 cached = self._tokens.get(key)
@@ -553,7 +563,8 @@ class ImageLoader:
             raise ImageError(415, "the image is empty (0 bytes)")
         data = bytes(data)
         try:
-            image = Image.open(io.BytesIO(data), formats=[f for f in FORMATS if f in Image.OPEN] or None)
+            Image.init()  # registers every plugin once; after that a no-op
+            image = Image.open(io.BytesIO(data), formats=[name for name in FORMATS if name in Image.OPEN])
         except Image.DecompressionBombError as exc:
             raise ImageError(413, f"the image has too many pixels ({exc}); MAX_IMAGE_PIXELS={max_pixels}") \
                 from None
@@ -573,8 +584,7 @@ class ImageLoader:
             try:
                 image.seek(0)
                 image.load()
-                oriented = ImageOps.exif_transpose(image)
-                rgb = _to_rgb(oriented if oriented is not None else image)
+                rgb = _to_rgb(_oriented(image))
             except Image.DecompressionBombError as exc:
                 raise ImageError(413, f"the image has too many pixels ({exc}); MAX_IMAGE_PIXELS={max_pixels}") \
                     from None
@@ -591,6 +601,16 @@ class ImageLoader:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
+
+def _oriented(image: Image.Image) -> Image.Image:
+    """`image` turned as its EXIF orientation says; as is when the EXIF data cannot be read."""
+    try:
+        oriented = ImageOps.exif_transpose(image)
+    except Exception as exc:  # a malformed EXIF block: keep the pixels, lose the orientation
+        log.debug("ignoring unreadable EXIF data: %s: %s", type(exc).__name__, exc)
+        return image
+    return oriented if oriented is not None else image
+
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
     """(H, W, 3) uint8 of a loaded image in any mode Pillow gives for the accepted formats."""
@@ -724,8 +744,11 @@ def _make_label_studio(url: str, token: str, source: str, status: int, what: str
     return _LabelStudio(base=base, origin=origin, path=path, token=token.strip(), source=source)
 
 
-def _refusal_message(ls: _LabelStudio | None, sent: TokenKind, status: int, shown: str) -> str:
+def _refusal_message(ls: _LabelStudio | None, sent: TokenKind, status: int, shown: str, left: bool) -> str:
     where = redact_url(ls.base) if ls is not None else "?"
+    if left:
+        return (f"Label Studio at {where} refused {shown} (HTTP {status}): it was reached by a redirect from "
+                f"another host, and credentials are never sent after one")
     if sent == "none":
         return (f"Label Studio at {where} refused {shown} (HTTP {status}): no credentials for it; set "
                 f"LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
