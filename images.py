@@ -195,19 +195,19 @@ class ImageLoader:
             raise ImageError(400, "the task's image URL is empty")
         url = url.strip()
         deadline = time.monotonic() + TOTAL_TIMEOUT_FACTOR * self.settings.image_timeout
-        ls = self._label_studio(fallback)
+        ls, ls_problem = self._label_studio(fallback)
         scheme = url.split(":", 1)[0].lower() if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", url) else ""
         shown = redact_url(url)
         log.debug("fetching image %s", shown)
 
         if scheme in CLOUD_SCHEMES:
-            return self._fetch_cloud(url, ls, task_id, deadline)
+            return self._fetch_cloud(url, ls or ls_problem, task_id, deadline)
         if scheme == "data":
             raise ImageError(400, "data: URIs are not supported as task images; upload the image to Label Studio")
         if not scheme:
             if not url.startswith("/") or url.startswith("//"):
                 raise ImageError(400, f"image URL {shown} is neither absolute nor a Label Studio path (/data/...)")
-            return self._fetch_label_studio_path(url, ls, deadline)
+            return self._fetch_label_studio_path(url, ls or ls_problem, deadline)
         if scheme not in ("http", "https"):
             raise ImageError(400, f"image URL {shown}: the {scheme}: scheme is not supported")
         origin = _origin(url)
@@ -220,8 +220,9 @@ class ImageLoader:
                 return self._fetch_label_studio_path(relative, ls, deadline)
         return self._download(url, ls, credentials=False, deadline=deadline)
 
-    def _fetch_label_studio_path(self, path: str, ls: _LabelStudio | None, deadline: float) -> bytes:
-        """`path`: relative to Label Studio's base URL, starting with `/`."""
+    def _fetch_label_studio_path(self, path: str, ls: _LabelStudio | ImageError | None, deadline: float) -> bytes:
+        """`path`: relative to Label Studio's base URL, starting with `/`; `ls`: the Label Studio, or why there is
+        none usable."""
         shown = redact_url(path)
         parts = urlsplit(path)
         if not MEDIA_PATH.match(parts.path):
@@ -233,13 +234,16 @@ class ImageLoader:
             root = self._local_root()
             if root is not None:
                 return self._read_local(root, parts.query, shown)
+        if isinstance(ls, ImageError):
+            raise ls
         if ls is None:
             raise ImageError(400, f"image URL {shown} is relative to Label Studio, but no Label Studio is known: "
                                   f"set LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY) or connect the model in "
                                   f"Label Studio")
         return self._download(ls.base + path, ls, credentials=True, deadline=deadline)
 
-    def _fetch_cloud(self, uri: str, ls: _LabelStudio | None, task_id: int | None, deadline: float) -> bytes:
+    def _fetch_cloud(self, uri: str, ls: _LabelStudio | ImageError | None, task_id: int | None,
+                     deadline: float) -> bytes:
         shown = redact_url(uri)
         if not re.match(r"[A-Za-z0-9-]+://[^/\s]+/\S", uri):
             raise ImageError(400, f"cloud storage URI {shown} must look like scheme://bucket/key")
@@ -248,6 +252,8 @@ class ImageLoader:
         if not isinstance(task_id, int) or isinstance(task_id, bool) or task_id < 0:
             raise ImageError(400, f"cloud storage URI {shown} needs the task's id (task.id) to be presigned by "
                                   f"Label Studio")
+        if isinstance(ls, ImageError):
+            raise ls
         if ls is None:
             raise ImageError(400, f"cloud storage URI {shown} can only be fetched through Label Studio, but none "
                                   f"is known: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
@@ -255,20 +261,24 @@ class ImageLoader:
         return self._download(f"{ls.base}/tasks/{task_id}/presign/?fileuri={fileuri}", ls, credentials=True,
                               deadline=deadline)
 
-    def _label_studio(self, fallback: LabelStudioAccess | None) -> _LabelStudio | None:
-        """The Label Studio of this fetch: the configured one, else the one from /setup, else None."""
+    def _label_studio(self, fallback: LabelStudioAccess | None) -> tuple[_LabelStudio | None, ImageError | None]:
+        """The Label Studio of this fetch: the configured one, else the one from /setup, else None; and, when
+        the one that applies has an unusable URL, the error to raise if the image needs Label Studio."""
         s = self.settings
-        if s.label_studio_url:
-            token, source = s.label_studio_api_key, "LABEL_STUDIO_API_KEY"
-            if not token and fallback is not None and fallback.token:
-                token, source = fallback.token, "the access_token Label Studio sent in /setup"
-            return _make_label_studio(s.label_studio_url, token, source, status=500, what="LABEL_STUDIO_URL")
-        if fallback is not None and fallback.url:
-            return _make_label_studio(fallback.url, fallback.token or "",
-                                      "the access_token Label Studio sent in /setup "
-                                      "(set LABEL_STUDIO_URL to use LABEL_STUDIO_API_KEY)",
-                                      status=400, what="the hostname Label Studio sent in /setup")
-        return None
+        try:
+            if s.label_studio_url:
+                token, source = s.label_studio_api_key, "LABEL_STUDIO_API_KEY"
+                if not token and fallback is not None and fallback.token:
+                    token, source = fallback.token, "the access_token Label Studio sent in /setup"
+                return _make_label_studio(s.label_studio_url, token, source, 500, "LABEL_STUDIO_URL"), None
+            if fallback is not None and fallback.url:
+                return _make_label_studio(fallback.url, fallback.token or "",
+                                          "the access_token Label Studio sent in /setup "
+                                          "(set LABEL_STUDIO_URL to use LABEL_STUDIO_API_KEY)",
+                                          400, "the hostname Label Studio sent in /setup"), None
+        except ImageError as problem:
+            return None, problem
+        return None, None
 
     # ---- local files --------------------------------------------------------------------------------------------
     def _local_root(self) -> str | None:
@@ -290,8 +300,10 @@ class ImageLoader:
         # As Label Studio: ?d= is relative to the root, whatever leading slashes it has
         candidate = os.path.join(root, posixpath.normpath(relative).lstrip("/"))
         real = os.path.realpath(candidate)
-        if os.path.commonpath([real, root]) != root or real == root:
+        if os.path.commonpath([real, root]) != root:
             raise ImageError(403, f"local file {relative!r} resolves outside LOCAL_FILES_DOCUMENT_ROOT")
+        if real == root:
+            raise ImageError(404, f"local file {relative!r} is the document root, not a file")
         limit = self.settings.max_image_bytes
         try:
             fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))

@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import struct
-import sys
 import threading
 import time
 import zlib
@@ -24,10 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from images import ImageError, ImageLoader, LabelStudioAccess, address_problem, redact_url, token_kind  # noqa: E402
-from settings import Settings  # noqa: E402
+from images import ImageError, ImageLoader, LabelStudioAccess, address_problem, redact_url, token_kind
+from settings import Settings
 
 LEGACY = "legacy-0123456789abcdef-secret"
 SETUP_TOKEN = "setup-token-fedcba9876543210"
@@ -384,7 +381,17 @@ def test_fallback_from_setup(ls):
     assert ls.server.authorizations()[0] == f"Token {SETUP_TOKEN}"
     error = expect(400, lambda: images.fetch("/data/upload/1/img.png"))
     assert "LABEL_STUDIO_URL" in error.message
-    expect(400, lambda: images.fetch("/data/upload/1/img.png", LabelStudioAccess("ftp://x", SETUP_TOKEN)))
+    error = expect(400, lambda: images.fetch("/data/upload/1/img.png", LabelStudioAccess("ls:8080", SETUP_TOKEN)))
+    assert "/setup" in error.message
+    with_bad_url = loader(label_studio_url="localhost:8080", label_studio_api_key=LEGACY)
+    assert "LABEL_STUDIO_URL" in expect(500, lambda: with_bad_url.fetch("/data/upload/1/img.png")).message
+
+
+def test_unusable_label_studio_url_does_not_block_other_images(servers):
+    server = servers("127.0.0.2")
+    images = loader(allow_private_hosts=True)
+    assert images.fetch(server.url + "/img.png", LabelStudioAccess("ls:8080", SETUP_TOKEN)) == IMAGE
+    assert server.authorizations() == [None]
 
 
 def test_configured_key_is_never_sent_to_a_hostname_from_setup(ls):
@@ -553,9 +560,10 @@ def test_address_problem():
     assert address_problem("fe80::1%eth0") == "link-local"
 
 
-@pytest.mark.parametrize("url", ["data:image/png;base64,iVBORw0KGgo=", "ftp://example.com/a.png", "file:///etc/passwd",
-                                 "gopher://x/", "images/a.png", "//example.com/a.png", "/api/projects/1/",
-                                 "/static/../data/x", "/data/../api/current-user/whoami", "/data/%2e%2e/api/x", "", "   ", "http:///nohost.png", "http://example.com:99999/a"])
+@pytest.mark.parametrize("url", [
+    "data:image/png;base64,iVBORw0KGgo=", "ftp://example.com/a.png", "file:///etc/passwd", "gopher://x/",
+    "images/a.png", "//example.com/a.png", "/api/projects/1/", "/static/../data/x", "/data/../api/current-user/whoami",
+    "/data/%2e%2e/api/x", "", "   ", "http:///nohost.png", "http://example.com:99999/a"])
 def test_malformed_or_unsupported_references(ls, url):
     images = loader(label_studio_url=ls.url, label_studio_api_key=LEGACY)
     expect(400, lambda: images.fetch(url))
@@ -616,7 +624,7 @@ def test_local_files_read_from_the_document_root(root, ls):
 @pytest.mark.parametrize("path, status", [
     ("../outside.png", 403), ("dir/../../outside.png", 403), ("escape.png", 403), ("escape_dir/outside.png", 403),
     ("%2E%2E/outside.png", 403), ("", 400), ("dir/missing.png", 404), ("missing/x.png", 404), ("dir", 404),
-    ("dir/big.bin", 413), ("dir/img.png%00.jpg", 400)])
+    ("dir/big.bin", 413), ("dir/img.png%00.jpg", 400), (".", 404), ("dir/..", 404)])
 def test_local_files_refusals(root, path, status):
     error = expect(status, lambda: loader(local_files_root=root, max_image_bytes=4000)
                    .fetch(f"/data/local-files/?d={path}"))
