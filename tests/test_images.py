@@ -885,3 +885,18 @@ def test_https_peer_check(https_server, certificate, monkeypatch, resolve, loopb
     error = expect(403, lambda: loader().fetch(f"https://img.test:{port}/a.png"))
     assert "connected to 127.0.0.2" in error.message
     assert https_server.requests == []
+
+
+def test_label_studio_on_ipv6_loopback():
+    class Server6(Server):
+        address_family = socket.AF_INET6
+    try:
+        server = Server6("::1", static())
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        url = f"http://[::1]:{server.server_address[1]}"
+        assert loader(label_studio_url=url, label_studio_api_key=LEGACY).fetch("/data/upload/1/img.png") == IMAGE
+        assert server.authorizations() == [f"Token {LEGACY}"]
+    finally:
+        server.stop()
