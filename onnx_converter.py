@@ -1,0 +1,501 @@
+"""Export SAM (ViT-B/L/H) or MobileSAM (ViT-T) to ONNX for the torch-free server (`onnx_sam.OnnxSamPredictor`).
+
+    python onnx_converter.py --model-type vit_t --checkpoint models/mobile_sam.pt [--quantize]
+
+writes `models/vit_t.encoder.onnx` and `models/vit_t.decoder.onnx` (the defaults of `settings.Settings.onnx_paths`;
+`--quantize` adds `*.int8.onnx` next to them), then checks them against torch on real photos of several sizes
+and aspect ratios with every kind of prompt, and exits non-zero when a mask of the ONNX models differs from
+torch's by IoU < 0.99 (`--min-iou`).
+
+What is exported:
+
+* encoder: the model's `image_encoder`, input `image` (1, 3, 1024, 1024) float32 = the output of
+  `sam_transforms.preprocess_image`, which is plain NumPy/PIL and documented, so serving needs no torch;
+  output `image_embeddings` (1, 256, 64, 64).
+* decoder: `SamDecoderOnnx`, exactly what `advanced_sam.TorchSamPredictor.decode_low_res` computes (the same
+  `_sparse_embedding`, `mask_downscaling` / `no_mask_embed`, `get_dense_pe` and `mask_decoder.predict_masks`),
+  inputs `image_embeddings`, `point_coords` (1, N, 2), `point_labels` (1, N), `mask_input` (1, 1, 256, 256),
+  `has_mask_input` (1,), N dynamic; outputs `low_res_masks` (1, 4, 256, 256), `iou_predictions` (1, 4).
+  It holds nothing of the image size: scaling prompts in and masks out happens in NumPy
+  (`sam_transforms.decoder_points`, `best_prediction`), so one decoder file serves every image size.
+
+Exporter: the dynamo exporter (`torch.onnx.export(..., dynamo=True)`, torch.export + onnxscript), torch 2.14's
+default. It exports TinyViT, the ViT-B/L/H encoders and the decoder correctly (max abs difference to torch
+about 1e-6 for the encoder, 1e-4 for the decoder's logits), and its dynamic dimension (`torch.export.Dim`)
+gives a decoder whose only dynamic axis is the named point count while every output shape stays static. The
+legacy TorchScript exporter (`--exporter torchscript`, dynamo=False) also exports a correct decoder with a
+dynamic point count here, but it is deprecated and leaves the output shapes unnamed and dynamic; it is kept as
+a fallback only. Opset 18 by default (17 at least).
+
+Quantization (`--quantize [encoder|decoder|both]`, default both): `onnxruntime.quantization.quantize_dynamic`
+with int8 weights, per output channel, of MatMul/Gemm only. Measured on MobileSAM: quantizing the encoder's
+convolutions too (the default op list) destroys its masks (IoU vs fp32 down to 0.23), per-tensor MatMul
+weights cost several points of IoU, and the two MatMuls that project point coordinates onto the random Fourier
+features of the positional encoding (K = 2) must stay float: a tiny error there becomes a phase error of the
+sin/cos. The exporter's `value_info` is dropped before quantizing: it lists the weights' shapes, which go stale
+when the quantizer rewrites Gemm as MatMul with a transposed weight, and ONNX shape inference then fails.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import sam_transforms
+from advanced_sam import MODEL_TYPES, CheckpointError, TorchSamPredictor, _sparse_embedding, build_sam
+from onnx_sam import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, META_MODEL_TYPE, META_PART,
+                      META_QUANTIZATION, META_WEIGHTS, OnnxSamPredictor)
+from predictor import Embedding, Prompt
+
+log = logging.getLogger("onnx_converter")
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT_DIR = HERE / "models"
+DEFAULT_OPSET = 18
+MIN_OPSET = 17
+#: checkpoint file names of `weights.py`
+CHECKPOINT_NAMES = {"vit_t": "mobile_sam.pt", "vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth",
+                    "vit_h": "sam_vit_h_4b8939.pth"}
+INT8_MIN_IOU = 0.9  # below this an int8 model's mask is reported as a warning
+#: Prompts left out of the int8 verdict (but still checked fp32 vs torch, and still reported): a mask with no
+#: point at all is ill-posed for SAM; its fp32 output is itself a guess (predicted IoU about 0.24, most logits
+#: within +-1 of the threshold on the sample photos), so int8's small logit errors flip large parts of it.
+INT8_UNCOUNTED = {"refine: mask only"}
+
+
+def onnx_paths(out_dir: Path, model_type: str, int8: bool = False) -> tuple[Path, Path]:
+    """(encoder, decoder) file names: <out_dir>/<model_type>.encoder.onnx, ... (.int8.onnx when int8)."""
+    suffix = ".int8.onnx" if int8 else ".onnx"
+    return out_dir / f"{model_type}.encoder{suffix}", out_dir / f"{model_type}.decoder{suffix}"
+
+
+class SamDecoderOnnx(torch.nn.Module):
+    """`TorchSamPredictor.decode_low_res` as one graph of tensors in, tensors out.
+
+    The one change: whether `mask_input` is used is the tensor `has_mask_input` rather than a Python branch, so
+    both branches are in the graph, dense = has * mask_downscaling(mask_input) + (1 - has) * no_mask_embed. For
+    has in {0, 1} that is exactly the chosen branch (x * 1 + y * 0 == x for finite x, y).
+    """
+
+    def __init__(self, sam: torch.nn.Module) -> None:
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+
+    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
+                mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = self.prompt_encoder
+        sparse = _sparse_embedding(encoder, point_coords, point_labels)
+        has_mask = has_mask_input.reshape(1, 1, 1, 1)
+        dense = (has_mask * encoder.mask_downscaling(mask_input)
+                 + (1 - has_mask) * encoder.no_mask_embed.weight.reshape(1, -1, 1, 1))
+        return self.mask_decoder.predict_masks(
+            image_embeddings=image_embeddings,
+            image_pe=encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+        )
+
+
+def decoder_example() -> tuple[torch.Tensor, ...]:
+    """Example decoder inputs with three points (a click, a negative click, the padding point)."""
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(1, 256, 64, 64, generator=generator),
+            torch.tensor([[[500.0, 375.0], [200.0, 100.0], [0.0, 0.0]]]),
+            torch.tensor([[1.0, 0.0, -1.0]]),
+            torch.randn(1, 1, 256, 256, generator=generator),
+            torch.ones(1))
+
+
+def _stamp(path: Path, metadata: dict[str, str]) -> None:
+    """Write `metadata` into the model's metadata_props (external weights, if any, are left where they are)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    props.update(metadata)
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(path))
+
+
+def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
+            output_names: list[str], dynamic: dict[str, dict[int, str]], exporter: str, opset: int,
+            metadata: dict[str, str]) -> None:
+    """Export `module` to `path`; files appear only once complete (written in a temporary folder beside)."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        partial = Path(tmp) / path.name
+        if exporter == "dynamo":
+            dims = {label: torch.export.Dim(label, min=1) for axes in dynamic.values() for label in axes.values()}
+            shapes = tuple({axis: dims[label] for axis, label in dynamic[name].items()} if name in dynamic else None
+                           for name in input_names)  # by position: the modules' own argument names may differ
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=input_names,
+                                        output_names=output_names, dynamic_shapes=shapes, verbose=False)
+            program.save(str(partial))  # weights go to <name>.data only past protobuf's 2 GB limit
+        else:
+            torch.onnx.export(module, args, str(partial), dynamo=False, opset_version=opset,
+                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic,
+                              do_constant_folding=True)
+        _stamp(partial, metadata)
+        onnx.checker.check_model(str(partial))
+        # External data first, the model last: a reader that finds the .onnx finds its weights too.
+        for file in sorted(Path(tmp).iterdir(), key=lambda f: f.name == path.name):
+            os.replace(file, path.parent / file.name)
+
+
+def export_decoder(model: torch.nn.Module, path: Path, exporter: str = "dynamo", opset: int = DEFAULT_OPSET,
+                   metadata: dict[str, str] | None = None) -> Path:
+    """Write `SamDecoderOnnx(model)` to `path`; `metadata` (onnx_sam.META_* keys) goes into the file."""
+    wrapper = SamDecoderOnnx(model).eval()
+    with torch.no_grad():
+        _export(wrapper, decoder_example(), path, list(DECODER_INPUTS), list(DECODER_OUTPUTS),
+                {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}, exporter, opset,
+                {**(metadata or {}), META_PART: "decoder"})
+    return path
+
+
+def export_encoder(model: torch.nn.Module, path: Path, exporter: str = "dynamo", opset: int = DEFAULT_OPSET,
+                   metadata: dict[str, str] | None = None) -> Path:
+    """Write `model.image_encoder` to `path`; `metadata` (onnx_sam.META_* keys) goes into the file."""
+    image = torch.randn(*ENCODER_INPUTS["image"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _export(model.image_encoder.eval(), (image,), path, list(ENCODER_INPUTS), list(ENCODER_OUTPUTS), {},
+                exporter, opset, {**(metadata or {}), META_PART: "encoder"})
+    return path
+
+
+def model_metadata(model_type: str, checkpoint: Path | None, seed: int = 0) -> dict[str, str]:
+    """What the converter stamps into its files, so that onnx_sam refuses an encoder and decoder that differ."""
+    from weights import sha256_of
+
+    weights = f"random-{seed}" if checkpoint is None else sha256_of(Path(checkpoint))[:16]
+    return {META_MODEL_TYPE: model_type, META_WEIGHTS: weights}
+
+
+def _files_size(path: Path) -> int:
+    """Bytes of an ONNX model and its external data files."""
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*") if f.is_file())
+
+
+def quantize(source: Path, target: Path) -> Path:
+    """Int8 dynamic quantization of `source` into `target` (see the module docstring for the recipe)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(source))
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    del model.graph.value_info[:]
+    weight_dims = {init.name: list(init.dims) for init in model.graph.initializer}
+    keep_float = [node.name for node in model.graph.node
+                  if node.op_type == "MatMul" and len(node.input) == 2 and weight_dims.get(node.input[1], [0])[0] == 2]
+    large = _files_size(source) > 1_500_000_000
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        partial = Path(tmp) / target.name
+        quantize_dynamic(model, partial, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=keep_float, use_external_data_format=large)
+        _stamp(partial, {**metadata, META_QUANTIZATION: "int8-dynamic"})
+        for file in sorted(Path(tmp).iterdir(), key=lambda f: f.name == target.name):
+            os.replace(file, target.parent / file.name)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checking the exported models against torch
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A real photo, cropped (fractions x0, y0, x1, y1 of the photo) and resized to `size` (width, height)."""
+
+    photo: str  # a skimage.data photo
+    size: tuple[int, int]
+    crop: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+
+    @property
+    def name(self) -> str:
+        return f"{self.photo} {self.size[0]}x{self.size[1]}"
+
+
+#: Points and boxes on objects of each photo, as fractions of the whole photo: x, y (points), x0, y0, x1, y1 (boxes).
+PHOTO_PROMPTS = {
+    "chelsea": {"point": [(0.37, 0.38)], "positive": (0.50, 0.20), "negative": (0.93, 0.60),
+                "box": (0.29, 0.25, 0.47, 0.52), "outer_box": (0.02, 0.02, 0.85, 0.98),
+                "inner": (0.50, 0.50), "outside": (0.92, 0.45)},
+    "astronaut": {"point": [(0.33, 0.75)], "positive": (0.20, 0.70), "negative": (0.43, 0.25),
+                  "box": (0.30, 0.03, 0.60, 0.35), "outer_box": (0.04, 0.02, 0.70, 1.0),
+                  "inner": (0.30, 0.65), "outside": (0.06, 0.30)},
+    "coffee": {"point": [(0.48, 0.35)], "positive": (0.33, 0.40), "negative": (0.60, 0.70),
+               "box": (0.53, 0.15, 0.70, 0.83), "outer_box": (0.12, 0.15, 0.80, 0.98),
+               "inner": (0.20, 0.60), "outside": (0.45, 0.35)},
+}
+
+#: Landscape 4:3, 16:9, a 2:3 portrait and a square: every decoder check runs on all of them.
+SAMPLES = (
+    Sample("chelsea", (640, 480)),
+    Sample("coffee", (1920, 1080)),
+    Sample("astronaut", (720, 1080), crop=(0.03, 0.0, 0.70, 1.0)),
+    Sample("astronaut", (512, 512)),
+)
+
+
+def sample_image(sample: Sample) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB image of `sample`."""
+    import cv2
+    import skimage.data
+
+    photo = getattr(skimage.data, sample.photo)()
+    height, width = photo.shape[:2]
+    x0, y0, x1, y1 = sample.crop
+    cropped = photo[int(round(y0 * height)):int(round(y1 * height)), int(round(x0 * width)):int(round(x1 * width))]
+    return np.ascontiguousarray(cv2.resize(cropped, sample.size, interpolation=cv2.INTER_AREA))
+
+
+def sample_prompts(sample: Sample) -> dict[str, Prompt]:
+    """Prompts in the pixels of `sample`'s image: a click, clicks with a negative one, a box, box + clicks."""
+    spec = PHOTO_PROMPTS[sample.photo]
+    x0, y0, x1, y1 = sample.crop
+    width, height = sample.size
+
+    def pixels(*fractions: tuple[float, float]) -> np.ndarray:
+        return np.array([((x - x0) / (x1 - x0) * width, (y - y0) / (y1 - y0) * height) for x, y in fractions],
+                        dtype=np.float32).reshape(-1, 2)
+
+    def box(fractions: tuple[float, float, float, float]) -> np.ndarray:
+        return pixels(fractions[:2], fractions[2:]).reshape(4)
+
+    no_points = np.zeros((0, 2), np.float32)
+    return {
+        "point": Prompt(pixels(*spec["point"]), np.array([1], np.int32)),
+        "points+negative": Prompt(pixels(spec["point"][0], spec["positive"], spec["negative"]),
+                                  np.array([1, 1, 0], np.int32)),
+        "box": Prompt(no_points, np.zeros(0, np.int32), box(spec["box"])),
+        "box+points": Prompt(pixels(spec["inner"], spec["outside"]), np.array([1, 0], np.int32),
+                             box(spec["outer_box"])),
+    }
+
+
+def refinement_prompts(sample: Sample, earlier_logits: np.ndarray) -> dict[str, Prompt]:
+    """Prompts that feed back an earlier prediction's low-res logits (SAM's interactive refinement)."""
+    first = sample_prompts(sample)["points+negative"]
+    return {
+        "refine: mask+points": Prompt(first.points, first.labels, mask_input=earlier_logits),
+        "refine: mask only": Prompt(np.zeros((0, 2), np.float32), np.zeros(0, np.int32), mask_input=earlier_logits),
+    }
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks; 1.0 when both are empty."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    image: str
+    prompt: str
+    iou: float
+    logits_diff: float  # max abs difference of the chosen low-res logits
+
+
+def compare(reference, candidate, image: np.ndarray, sample: Sample, reference_embedding: Embedding,
+            candidate_embedding: Embedding) -> list[Agreement]:
+    """Masks of `candidate` against `reference` on every sample prompt (the refinements use the reference's
+    logits as mask_input for both, so they test the decoders, not an earlier difference)."""
+    results = []
+    prompts = sample_prompts(sample)
+    first = reference.decode(reference_embedding, prompts["points+negative"])
+    prompts.update(refinement_prompts(sample, first.low_res_logits))
+    for name, prompt in prompts.items():
+        expected = reference.decode(reference_embedding, prompt)
+        got = candidate.decode(candidate_embedding, prompt)
+        results.append(Agreement(sample.name, name, mask_iou(expected.mask, got.mask),
+                                 float(np.abs(expected.low_res_logits - got.low_res_logits).max())))
+    return results
+
+
+def _summary(results: list[Agreement]) -> str:
+    ious = [r.iou for r in results]
+    worst = min(results, key=lambda r: r.iou)
+    return (f"IoU min {min(ious):.4f} median {float(np.median(ious)):.4f} over {len(ious)} masks "
+            f"(worst: {worst.image}, {worst.prompt}); max |logit diff| {max(r.logits_diff for r in results):.2e}")
+
+
+def check(torch_predictor: TorchSamPredictor, encoder_path: Path, decoder_path: Path, samples: tuple[Sample, ...],
+          min_iou: float, int8_paths: tuple[Path, Path] | None = None, threads: int = 0) -> bool:
+    """Compare the ONNX models with torch on `samples`; log every number; True when all IoUs >= min_iou."""
+    onnx_predictor = OnnxSamPredictor.load(encoder_path, decoder_path, torch_predictor.model_version, threads,
+                                           encoder=torch_predictor)
+    has_encoder = encoder_path.is_file()
+    int8 = {}
+    if int8_paths is not None:
+        int8_encoder, int8_decoder = int8_paths
+        if int8_encoder.is_file():
+            int8["int8 encoder"] = OnnxSamPredictor.load(int8_encoder, decoder_path, "int8", threads)
+        if int8_decoder.is_file():
+            int8["int8 decoder"] = OnnxSamPredictor.load(encoder_path, int8_decoder, "int8", threads,
+                                                         encoder=torch_predictor)
+        if int8_encoder.is_file() and int8_decoder.is_file():
+            int8["int8 both"] = OnnxSamPredictor.load(int8_encoder, int8_decoder, "int8", threads)
+    decoder_only: list[Agreement] = []
+    end_to_end: list[Agreement] = []
+    int8_results: dict[str, list[Agreement]] = {name: [] for name in int8}
+    embedding_diffs = []
+    for index, sample in enumerate(samples, 1):
+        started = time.perf_counter()
+        image = sample_image(sample)
+        reference = torch_predictor.embed(image)
+        rows = compare(torch_predictor, onnx_predictor, image, sample, reference, reference)
+        decoder_only += rows
+        line = f"[check {index}/{len(samples)}] {sample.name}: decoder {_summary(rows)}"
+        if has_encoder:
+            embedded = onnx_predictor.embed(image)
+            diff = float(np.abs(embedded.features - reference.features).max())
+            embedding_diffs.append(diff)
+            rows = compare(torch_predictor, onnx_predictor, image, sample, reference, embedded)
+            end_to_end += rows
+            line += (f"; embedding max |diff| {diff:.2e} (values up to {np.abs(reference.features).max():.2f}); "
+                     f"encoder+decoder {_summary(rows)}")
+        log.info("%s (%.1f s)", line, time.perf_counter() - started)
+        fp32 = embedded if has_encoder else reference
+        for name, predictor in int8.items():
+            candidate_embedding = predictor.embed(image) if name != "int8 decoder" else fp32
+            rows = compare(onnx_predictor, predictor, image, sample, fp32, candidate_embedding)
+            int8_results[name] += rows
+            log.info("    %s vs fp32: %s", name, _summary([r for r in rows if r.prompt not in INT8_UNCOUNTED]))
+    ok = True
+    log.info("ONNX decoder vs torch (same embedding): %s", _summary(decoder_only))
+    ok &= min(r.iou for r in decoder_only) >= min_iou
+    if has_encoder:
+        log.info("ONNX encoder vs torch: embedding max |diff| %.2e", max(embedding_diffs))
+        log.info("ONNX encoder+decoder vs torch: %s", _summary(end_to_end))
+        ok &= min(r.iou for r in end_to_end) >= min_iou
+    for name, rows in int8_results.items():
+        counted = [r for r in rows if r.prompt not in INT8_UNCOUNTED]
+        log.info("%s vs fp32 ONNX: %s", name, _summary(counted))
+        uncounted = [r for r in rows if r.prompt in INT8_UNCOUNTED]
+        if uncounted:
+            log.info("    not counted (ill-posed for SAM even in fp32): %s",
+                     ", ".join(f"{r.image} {r.prompt} IoU {r.iou:.3f}" for r in uncounted))
+        low = [r for r in counted if r.iou < INT8_MIN_IOU]
+        for row in low:
+            log.warning("    %s: %s, %s: IoU %.4f < %.2f", name, row.image, row.prompt, row.iou, INT8_MIN_IOU)
+    return ok
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Export SAM / MobileSAM to ONNX (encoder + size-independent decoder) and check it against "
+                    "torch.", epilog="Example: python onnx_converter.py --model-type vit_t --checkpoint "
+                    "models/mobile_sam.pt --quantize")
+    parser.add_argument("--model-type", choices=sorted(MODEL_TYPES), default="vit_t",
+                        help="vit_t = MobileSAM; vit_b/vit_l/vit_h = SAM (default: %(default)s)")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="weights (default: models/<the file weights.py fetches for the model type>)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="export a randomly initialised model (tests of big models without their weights)")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="output folder (default: models/)")
+    parser.add_argument("--parts", nargs="+", choices=["encoder", "decoder"], default=["encoder", "decoder"],
+                        help="what to export (default: both)")
+    parser.add_argument("--quantize", nargs="?", const="both", choices=["encoder", "decoder", "both"],
+                        help="also write int8 models (*.int8.onnx); without a value: both")
+    parser.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                        help="torch's ONNX exporter (default: %(default)s; see the module docstring)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--check-images", type=int, default=len(SAMPLES),
+                        help=f"photos to check on, 0 = no check (default: all {len(SAMPLES)})")
+    parser.add_argument("--min-iou", type=float, default=0.99,
+                        help="least mask IoU of ONNX vs torch for success (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0, help="torch and onnxruntime threads (0 = default)")
+    args = parser.parse_args(argv)
+    if args.opset < MIN_OPSET:
+        parser.error(f"--opset must be at least {MIN_OPSET}")
+    if args.random_weights and args.checkpoint is not None:
+        parser.error("--random-weights and --checkpoint exclude each other")
+    if not 0 <= args.check_images <= len(SAMPLES):
+        parser.error(f"--check-images must be between 0 and {len(SAMPLES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Our progress at INFO; other libraries (the exporter's optimizer logs every rewrite at INFO) at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+    # MobileSAM's imports of timm, every run; the exporter, on the two inputs that share the point-count axis.
+    for noise in ("Importing from timm", "Overwriting tiny_vit", "# The axis name: num_points will not be used"):
+        warnings.filterwarnings("ignore", message=noise)
+    # quantize_dynamic advises its pre-processing (shape inference + graph optimisation) on every call; on these
+    # models it changes neither the masks nor the speed, measured, so it is not run and the advice not shown.
+    logging.getLogger().addFilter(lambda record: not str(record.msg).startswith("Please consider to run pre-proc"))
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    checkpoint = None if args.random_weights else (args.checkpoint or DEFAULT_OUT_DIR / CHECKPOINT_NAMES[args.model_type])
+    stages = 2 + len(args.parts) + (1 if args.quantize else 0)
+    stage = iter(range(1, stages + 1))
+
+    started = time.perf_counter()
+    log.info("[%d/%d] building %s from %s", next(stage), stages, args.model_type, checkpoint or "random weights")
+    if args.random_weights:
+        torch.manual_seed(0)
+    try:
+        model = build_sam(args.model_type, checkpoint, torch.device("cpu"))
+    except CheckpointError as error:
+        log.error("%s", error)
+        return 2
+    metadata = model_metadata(args.model_type, checkpoint)
+    encoder_path, decoder_path = onnx_paths(args.out_dir, args.model_type)
+    for part, path, export in (("decoder", decoder_path, export_decoder), ("encoder", encoder_path, export_encoder)):
+        if part in args.parts:
+            log.info("[%d/%d] exporting the %s to %s with the %s exporter, opset %d", next(stage), stages, part,
+                     path, args.exporter, args.opset)
+            began = time.perf_counter()
+            export(model, path, args.exporter, args.opset, metadata)
+            log.info("    %s: %.1f MB in %.1f s", path.name, _files_size(path) / 1e6, time.perf_counter() - began)
+    int8_paths = onnx_paths(args.out_dir, args.model_type, int8=True)
+    if args.quantize:
+        log.info("[%d/%d] quantizing (int8 dynamic, MatMul/Gemm weights per channel)", next(stage), stages)
+        for part, source, target in (("encoder", encoder_path, int8_paths[0]), ("decoder", decoder_path, int8_paths[1])):
+            if args.quantize not in (part, "both"):
+                continue
+            if not source.is_file():
+                log.error("cannot quantize the %s: %s does not exist (export it with --parts %s)", part, source, part)
+                return 2
+            began = time.perf_counter()
+            quantize(source, target)
+            log.info("    %s: %.1f MB in %.1f s", target.name, _files_size(target) / 1e6, time.perf_counter() - began)
+    number = next(stage)
+    if args.check_images == 0:
+        log.info("[%d/%d] no check (--check-images 0); done in %.0f s", number, stages, time.perf_counter() - started)
+        return 0
+    if not decoder_path.is_file():
+        log.error("no decoder at %s to check; export it with --parts decoder", decoder_path)
+        return 2
+    log.info("[%d/%d] checking against torch on %d photos (decoder alone on torch's embedding, then encoder + "
+             "decoder%s)", number, stages, args.check_images, ", then int8 vs fp32" if args.quantize else "")
+    torch_predictor = TorchSamPredictor(model, args.model_type, torch.device("cpu"))
+    ok = check(torch_predictor, encoder_path, decoder_path, SAMPLES[:args.check_images], args.min_iou,
+               int8_paths if args.quantize else None, args.threads)
+    if not ok:
+        log.error("ONNX masks differ from torch's (IoU < %.2f): do not serve these files", args.min_iou)
+        return 1
+    log.info("OK: ONNX agrees with torch (IoU >= %.2f); done in %.0f s", args.min_iou, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

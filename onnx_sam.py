@@ -1,0 +1,226 @@
+"""SAM / MobileSAM on ONNX Runtime, with no torch: `OnnxSamPredictor` behind the `predictor.Predictor` interface.
+
+Two files, built by `onnx_converter.py` from a checkpoint:
+
+* `<model_type>.encoder.onnx`: input `image` (1, 3, 1024, 1024) float32, the output of
+  `sam_transforms.preprocess_image`; output `image_embeddings` (1, 256, 64, 64) float32.
+* `<model_type>.decoder.onnx`: inputs `image_embeddings` (1, 256, 64, 64), `point_coords` (1, N, 2) in the
+  1024-frame, `point_labels` (1, N) (-1 padding, 0/1 clicks, 2/3 box corners), `mask_input` (1, 1, 256, 256),
+  `has_mask_input` (1,), all float32, N dynamic; outputs `low_res_masks` (1, 4, 256, 256) and
+  `iou_predictions` (1, 4). The decoder knows nothing of the image's size: scaling the prompt into the
+  1024-frame and the mask back out of it is done here in NumPy (`sam_transforms`), so one decoder file serves
+  every image size and aspect ratio.
+
+Int8 variants (`*.int8.onnx`, `onnx_converter.py --quantize`) have the same inputs and outputs.
+
+The predictor keeps no per-image state and `InferenceSession.run` is thread-safe, so one instance serves any
+number of threads at once.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+import sam_transforms
+from predictor import Embedding, Prediction, Prompt
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_SHAPE = (1, 256, 64, 64)
+
+#: name -> shape of what each model takes and gives; None marks a dynamic dimension.
+ENCODER_INPUTS = {"image": (1, 3, sam_transforms.IMAGE_SIZE, sam_transforms.IMAGE_SIZE)}
+ENCODER_OUTPUTS = {"image_embeddings": EMBEDDING_SHAPE}
+DECODER_INPUTS = {
+    "image_embeddings": EMBEDDING_SHAPE,
+    "point_coords": (1, None, 2),
+    "point_labels": (1, None),
+    "mask_input": (1, 1, sam_transforms.LOW_RES, sam_transforms.LOW_RES),
+    "has_mask_input": (1,),
+}
+DECODER_OUTPUTS = {"low_res_masks": (1, 4, sam_transforms.LOW_RES, sam_transforms.LOW_RES),
+                   "iou_predictions": (1, 4)}
+
+
+#: metadata_props that onnx_converter.py writes into every file it builds
+META_MODEL_TYPE = "sam_model_type"  # vit_t, vit_b, vit_l, vit_h
+META_WEIGHTS = "sam_weights"  # sha256 prefix of the checkpoint, or "random-<seed>"
+META_PART = "sam_part"  # encoder or decoder
+META_QUANTIZATION = "sam_quantization"  # absent for float32, "int8-dynamic"
+
+#: model type -> the checkpoint `weights.py` fetches, named in the build command
+CHECKPOINTS = {"vit_t": "models/mobile_sam.pt", "vit_b": "models/sam_vit_b_01ec64.pth",
+               "vit_l": "models/sam_vit_l_0b3195.pth", "vit_h": "models/sam_vit_h_4b8939.pth"}
+
+
+class OnnxModelError(RuntimeError):
+    """An ONNX model file is missing, unreadable, or not the model this predictor expects."""
+
+
+class ImageEncoder(Protocol):
+    """Anything that embeds images, e.g. `advanced_sam.TorchSamPredictor` (used when no encoder.onnx exists)."""
+
+    def embed(self, image: np.ndarray) -> Embedding:
+        ...
+
+
+def build_command(path: Path) -> str:
+    """The command that builds the model `path` names, for error messages."""
+    match = re.fullmatch(r"(vit_[tblh])\.(?:encoder|decoder)(\.int8)?\.onnx", Path(path).name)
+    model_type = match.group(1) if match else "vit_t"
+    quantize = " --quantize" if match and match.group(2) else ""
+    out_dir = "" if Path(path).parent.name == "models" else f" --out-dir {Path(path).parent}"
+    command = f"python onnx_converter.py --model-type {model_type} --checkpoint {CHECKPOINTS[model_type]}{out_dir}{quantize}"
+    if match:
+        return f"`{command}`"
+    return f"`{command}` (it writes <model_type>.encoder.onnx and <model_type>.decoder.onnx)"
+
+
+def _shape_matches(actual: Sequence, expected: Sequence) -> bool:
+    """Static dimensions must agree; a dimension that either side leaves dynamic (a name or None) matches."""
+    if len(actual) != len(expected):
+        return False
+    return all(not isinstance(a, int) or e is None or a == e for a, e in zip(actual, expected))
+
+
+def _check_signature(session: ort.InferenceSession, path: Path, kind: str,
+                     inputs: dict[str, tuple], outputs: dict[str, tuple]) -> None:
+    problems = []
+    for expected, found in ((inputs, session.get_inputs()), (outputs, session.get_outputs())):
+        found_by_name = {arg.name: arg for arg in found}
+        side = "input" if expected is inputs else "output"
+        for name, shape in expected.items():
+            arg = found_by_name.get(name)
+            if arg is None:
+                problems.append(f"no {side} {name!r}")
+            elif arg.type != "tensor(float)":
+                problems.append(f"{side} {name!r} is {arg.type}, expected tensor(float)")
+            elif not _shape_matches(arg.shape, shape):
+                problems.append(f"{side} {name!r} has shape {arg.shape}, expected "
+                                f"{['N' if d is None else d for d in shape]}")
+        if side == "input":
+            extra = sorted(set(found_by_name) - set(expected))
+            if extra:
+                problems.append(f"unexpected input(s) {extra}")
+    if problems:
+        hint = ""
+        names = {arg.name for arg in session.get_inputs()}
+        if kind == "encoder" and names == set(DECODER_INPUTS) or kind == "decoder" and names == set(ENCODER_INPUTS):
+            hint = f" It is the {'decoder' if kind == 'encoder' else 'encoder'}: are the two paths swapped?"
+        elif kind == "decoder" and "orig_im_size" in names:
+            hint = (" It looks like segment_anything's own export (scripts/export_onnx_model.py), which "
+                    "upscales masks to one fixed image size inside the model; this server needs its own decoder.")
+        raise OnnxModelError(f"{path} is not a SAM {kind} this server can use: {'; '.join(problems)}.{hint} "
+                             f"Build it with {build_command(path)}")
+
+
+def _providers() -> list[str]:
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or available
+
+
+def open_session(path: Path | str, kind: str, threads: int = 0,
+                 providers: Sequence[str] | None = None) -> ort.InferenceSession:
+    """An InferenceSession for the `kind` ("encoder" or "decoder") model at `path`, its signature checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxModelError(f"ONNX {kind} {path} does not exist; build it with {build_command(path)}")
+    options = ort.SessionOptions()
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), options, providers=list(providers or _providers()))
+    except Exception as error:  # onnxruntime raises its own (unexported) exception types for bad files
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OnnxModelError(f"cannot load ONNX {kind} {path}: {first_line}; rebuild it with "
+                             f"{build_command(path)}") from error
+    if kind == "encoder":
+        _check_signature(session, path, kind, ENCODER_INPUTS, ENCODER_OUTPUTS)
+    else:
+        _check_signature(session, path, kind, DECODER_INPUTS, DECODER_OUTPUTS)
+    return session
+
+
+def metadata(session: ort.InferenceSession) -> dict[str, str]:
+    """The model's metadata_props (onnx_converter.py's `sam_*` keys, or nothing for files built elsewhere)."""
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def _check_pair(encoder: ort.InferenceSession, decoder: ort.InferenceSession, encoder_path: Path,
+                decoder_path: Path) -> None:
+    """Refuse an encoder and a decoder built from different weights: their masks would be silently wrong."""
+    ours, theirs = metadata(encoder), metadata(decoder)
+    for key in (META_MODEL_TYPE, META_WEIGHTS):
+        if key in ours and key in theirs and ours[key] != theirs[key]:
+            raise OnnxModelError(
+                f"{encoder_path} ({key}={ours[key]}) and {decoder_path} ({key}={theirs[key]}) come from different "
+                f"models; build both from one checkpoint with {build_command(decoder_path)}")
+
+
+class OnnxSamPredictor:
+    """SAM or MobileSAM on ONNX Runtime behind the `predictor.Predictor` interface. Thread-safe, torch-free."""
+
+    def __init__(self, encoder: ort.InferenceSession | ImageEncoder, decoder: ort.InferenceSession,
+                 model_version: str) -> None:
+        self.encoder = encoder
+        self.decoder = decoder
+        self.model_version = model_version
+
+    @classmethod
+    def load(cls, encoder_path: Path | str | None, decoder_path: Path | str, model_version: str,
+             threads: int = 0, encoder: ImageEncoder | None = None,
+             providers: Sequence[str] | None = None) -> "OnnxSamPredictor":
+        """Open both models. threads > 0 sets ONNX Runtime's intra-op thread count of each session.
+
+        When `encoder_path` is None or names no file and `encoder` is given (anything with an `embed` method,
+        e.g. a `TorchSamPredictor`), images are embedded by `encoder` and only the decoder runs on ONNX.
+        """
+        if encoder is not None and (encoder_path is None or not Path(encoder_path).is_file()):
+            log.info("no ONNX encoder at %s: embedding with %s", encoder_path, type(encoder).__name__)
+            image_encoder: ort.InferenceSession | ImageEncoder = encoder
+        elif encoder_path is None:
+            raise OnnxModelError("no ONNX encoder path and no encoder object given; build the encoder with "
+                                 f"{build_command(Path(decoder_path).with_name('vit_t.encoder.onnx'))}")
+        else:
+            image_encoder = open_session(encoder_path, "encoder", threads, providers)
+        decoder = open_session(decoder_path, "decoder", threads, providers)
+        if isinstance(image_encoder, ort.InferenceSession):
+            _check_pair(image_encoder, decoder, Path(encoder_path), Path(decoder_path))
+        log.info("loaded ONNX SAM %s: encoder %s, decoder %s", model_version,
+                 encoder_path if isinstance(image_encoder, ort.InferenceSession) else type(encoder).__name__,
+                 decoder_path)
+        return cls(image_encoder, decoder, model_version)
+
+    def embed(self, image: np.ndarray) -> Embedding:
+        if not isinstance(self.encoder, ort.InferenceSession):
+            return self.encoder.embed(image)
+        pixels = sam_transforms.preprocess_image(image)
+        (features,) = self.encoder.run(["image_embeddings"], {"image": pixels})
+        return Embedding(features=np.asarray(features, dtype=np.float32),
+                         original_size=(int(image.shape[0]), int(image.shape[1])),
+                         input_size=sam_transforms.input_size(image.shape[:2]))
+
+    def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
+        low_res, iou = self.decode_low_res(embedding, prompt)
+        return sam_transforms.best_prediction(low_res, iou, prompt, embedding)
+
+    def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
+        """All four decoder outputs: (4, 256, 256) float32 logits and (4,) predicted IoUs."""
+        if tuple(embedding.features.shape) != EMBEDDING_SHAPE:
+            raise ValueError(f"embedding features have shape {embedding.features.shape}, expected {EMBEDDING_SHAPE}")
+        coords, labels = sam_transforms.decoder_points(prompt, embedding.original_size)
+        mask_input, has_mask = sam_transforms.mask_input_of(prompt)
+        low_res, iou = self.decoder.run(["low_res_masks", "iou_predictions"], {
+            "image_embeddings": np.ascontiguousarray(embedding.features, dtype=np.float32),
+            "point_coords": coords,
+            "point_labels": labels,
+            "mask_input": mask_input,
+            "has_mask_input": has_mask,
+        })
+        return low_res[0], iou[0]
