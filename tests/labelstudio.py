@@ -10,8 +10,10 @@ sends to a backend.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +25,9 @@ import requests
 
 REPO = Path(__file__).resolve().parent.parent
 LS_VERSION = "1.23.2"
+DB_NAME = "label_studio.sqlite3"
+#: What a data dir needs to skip the migrations: the database and the SECRET_KEY Label Studio generated for it.
+TEMPLATE_FILES = (DB_NAME, ".env")
 
 #: Seconds allowed for a first start (database migrations take about a minute on two shared cores).
 LS_START_TIMEOUT = float(os.environ.get("LS_START_TIMEOUT", "300"))
@@ -151,6 +156,7 @@ class LabelStudio(_Process):
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Token {self.TOKEN}"
         self._pat: str | None = None
+        self._bearer_pat: str | None = None
 
     @property
     def url(self) -> str:
@@ -160,11 +166,22 @@ class LabelStudio(_Process):
 
     # ---- process ----------------------------------------------------------------------------------------------
     def start(self, data_dir: Path, port: int | None = None, timeout: float = LS_START_TIMEOUT,
-              env: dict[str, str] | None = None) -> "LabelStudio":
+              env: dict[str, str] | None = None, template: bool | None = None) -> "LabelStudio":
+        """Start on `data_dir` (created if missing) and wait until the legacy token works.
+
+        A first start on an empty directory migrates a new database (about a minute here). With `template`
+        (default: on unless LS_TEMPLATE=0) an empty `data_dir` is seeded from a snapshot of a freshly
+        migrated one kept beside the Label Studio venv, and the first start that has none makes it: later
+        starts take seconds.
+        """
         if not self.executable.is_file():
             raise HarnessError(f"{self.executable} is missing: run scripts/install_label_studio.sh")
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if template is None:
+            template = os.environ.get("LS_TEMPLATE", "1").strip().lower() not in ("0", "false", "no", "off")
+        fresh = not (self.data_dir / DB_NAME).exists()
+        seeded = template and fresh and self._seed_from_template()
         self.port = port or free_port()
         child_env = {key: value for key, value in os.environ.items()
                      if not key.startswith(("LABEL_STUDIO_", "DJANGO_", "VIRTUAL_ENV", "PYTHON"))}
@@ -194,7 +211,46 @@ class LabelStudio(_Process):
         except BaseException:
             self.stop()
             raise
+        if template and fresh and not seeded:
+            self._save_template()
         return self
+
+    # ---- a snapshot of a freshly migrated data dir ---------------------------------------------------------
+    @property
+    def template_dir(self) -> Path:
+        """Beside the venv's interpreter: goes away with the venv, so it never outlives its Label Studio."""
+        return self.executable.parent.parent / f"e2e-template-{LS_VERSION}"
+
+    def _seed_from_template(self) -> bool:
+        files = [self.template_dir / name for name in TEMPLATE_FILES]
+        if not all(path.is_file() for path in files):
+            return False
+        for path in files:
+            shutil.copy2(path, self.data_dir / path.name)
+        return True
+
+    def _save_template(self) -> None:
+        """Snapshot the new database (sqlite's online backup: consistent while the server runs) and the
+        secret key file Label Studio made beside it; written to a temporary dir and renamed into place."""
+        if self.template_dir.exists() or not all((self.data_dir / name).is_file() for name in TEMPLATE_FILES):
+            return
+        staging = self.template_dir.with_name(f"{self.template_dir.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            source = sqlite3.connect(f"file:{self.data_dir / DB_NAME}?mode=ro", uri=True, timeout=30)
+            target = sqlite3.connect(staging / DB_NAME)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+                source.close()
+            shutil.copy2(self.data_dir / ".env", staging / ".env")
+            staging.rename(self.template_dir)
+        except (OSError, sqlite3.Error):
+            pass  # another process made it first, or the disk refused: only speed is lost
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _ready(self) -> bool:
         if requests.get(f"{self.url}/health", timeout=3).status_code != 200:
@@ -204,9 +260,14 @@ class LabelStudio(_Process):
 
     # ---- REST -------------------------------------------------------------------------------------------------
     def api(self, method: str, path: str, expect: tuple[int, ...] = (200, 201), **kwargs) -> Any:
-        """Call the REST API with the legacy token; return the JSON (or None); raise on another status."""
+        """Call the REST API (legacy token, or see `authenticate_with`); return the JSON (or None); raise on
+        another status."""
         kwargs.setdefault("timeout", HTTP_TIMEOUT)
         response = self.session.request(method, f"{self.url}{path}", **kwargs)
+        if response.status_code == 401 and self._bearer_pat:
+            # The access token lives 300 s: refresh it once and retry.
+            self.session.headers["Authorization"] = f"Bearer {self.access_token(self._bearer_pat)}"
+            response = self.session.request(method, f"{self.url}{path}", **kwargs)
         if response.status_code not in expect:
             raise HarnessError(f"{method} {path} -> {response.status_code}: {response.text[:2000]}")
         if not response.content:
@@ -296,6 +357,15 @@ class LabelStudio(_Process):
             raise HarnessError(f"POST /api/token/ -> {response.status_code}: {response.text[:1000]}")
         self._pat = response.json()["token"]
         return self._pat
+
+    def authenticate_with(self, pat: str | None) -> None:
+        """Make this client use `Bearer <access token of pat>` (refreshed on 401), or the legacy token again
+        (None). Needed while the organization has legacy tokens disabled."""
+        self._bearer_pat = pat
+        if pat:
+            self.session.headers["Authorization"] = f"Bearer {self.access_token(pat)}"
+        else:
+            self.session.headers["Authorization"] = f"Token {self.TOKEN}"
 
     def access_token(self, refresh: str | None = None) -> str:
         """A short-lived (300 s) access token for a personal access token, to send as `Bearer`."""
