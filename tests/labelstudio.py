@@ -9,6 +9,7 @@ sends to a backend.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -111,6 +112,8 @@ class _Process:
         self._log.flush()
         self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        # Its own session keeps a Ctrl-C meant for pytest away from it; this stops it when pytest exits anyway.
+        atexit.register(self.stop)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -448,7 +451,9 @@ class Backend(_Process):
     def start(self, env: dict[str, str] | None = None, port: int | None = None,
               timeout: float = BACKEND_START_TIMEOUT, workers: int = 1, threads: int = 4) -> "Backend":
         self.port = port or free_port()
-        child_env = dict(os.environ)
+        # gunicorn.conf.py in the repo root is read as in production; nothing from the caller's shell may
+        # override the command line below.
+        child_env = {key: value for key, value in os.environ.items() if key != "GUNICORN_CMD_ARGS"}
         child_env.update({"TORCH_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"})
         child_env.update(env or {})
         gunicorn = self.bin_dir / "gunicorn"

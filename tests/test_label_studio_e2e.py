@@ -318,6 +318,19 @@ def test_plain_tool_keypoint_counts_as_positive(label_studio, native, image_path
     assert_is_the_cat(mask, reference([(*CAT_CLICK, True)]))
 
 
+def test_second_label_on_the_same_task(label_studio, native, image_path, reference):
+    """Calls are grouped by label: a Dog click after a Cat click answers for Dog alone, without the Cat click."""
+    task = new_task(label_studio, native["project"], image_path)
+    ml_id = native["ml"]["id"]
+    cat = keypoint(*CAT_CLICK, "Cat", width=W, height=H)
+    one_mask(label_studio.interactive_annotating(ml_id, task["id"], {"result": [cat]}))
+    dog = keypoint(*BACKGROUND_CLICK, "Dog", width=W, height=H)
+    mask = one_mask(label_studio.interactive_annotating(ml_id, task["id"], {"result": [dog]}), label="Dog")
+    assert mask[pixel(*BACKGROUND_CLICK)] and not mask[pixel(*CAT_CLICK)], "the Cat click leaked into Dog's mask"
+    overlap = iou(mask, reference([(*BACKGROUND_CLICK, True)]))
+    assert overlap >= 0.9, f"IoU with the reference mask is {overlap:.3f}"
+
+
 def test_rectangle_around_the_cat(label_studio, native, image_path, reference):
     task = new_task(label_studio, native["project"], image_path)
     context = {"result": [rectangle(*CAT_BOX, "Cat", width=W, height=H)]}
