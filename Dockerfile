@@ -9,7 +9,8 @@
 #           also the CUDA image: PyPI's Linux torch wheel ships the CUDA runtime, so the same image uses an
 #           NVIDIA GPU when the container gets one (compose: the GPU block in docker-compose.yml) and the CPU
 #           otherwise. Several GB. Needed for SAM_CHOICE=SAM (ViT-B/L/H) and for exact torch masks.
-#   export  build stage: torch, the verified MobileSAM checkpoint and (ONNX=true) its ONNX export.
+#   export  build stage: torch, the verified MobileSAM checkpoint and (ONNX=true) its ONNX export, which
+#           onnx_converter.py checks against torch on real photos (the build fails if they disagree).
 #
 # Why the CPU target has no torch: the torch wheel on PyPI is the CUDA build (about 4 GB with its nvidia-*
 # wheels); the small CPU-only wheel lives on PyTorch's own index, which this project does not use (package
@@ -47,6 +48,11 @@ ARG ONNX=true
 # The same command the README and CI use: downloads MobileSAM and checks its published sha256.
 COPY weights.py ./
 RUN python weights.py mobile_sam
+# The exporter's own needs (onnxscript for torch's dynamo exporter, scikit-image for the photos it checks the
+# ONNX masks on against torch) are in requirements-dev.txt: the set CI tests it with. Only this stage has them.
+COPY requirements-dev.txt ./
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install -r requirements-dev.txt
 COPY *.py ./
 RUN case "${ONNX}" in \
       true|1|yes) python onnx_converter.py --model-type vit_t --checkpoint models/mobile_sam.pt --out-dir models ;; \

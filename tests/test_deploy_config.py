@@ -289,6 +289,9 @@ def test_weights_are_fetched_and_verified_at_build_time():
 
 def test_requirements_install_before_code_with_pip_cache_handled():
     instructions = dockerfile_instructions()
+    pip_anywhere = [i for i in instructions if i.keyword == "RUN" and "pip install" in i.args]
+    uncached = [i.line for i in pip_anywhere if "--mount=type=cache" not in i.args and "--no-cache-dir" not in i.args]
+    assert not uncached, f"pip install without a cache mount or --no-cache-dir on line(s) {uncached}"
     for stage in ("torch-deps", "cpu"):
         own = [i for i in instructions if i.stage == stage]
         pip_runs = [i for i in own if i.keyword == "RUN" and "pip install" in i.args]
