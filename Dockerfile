@@ -3,16 +3,16 @@
 # Segment Anything (MobileSAM by default) ML backend for Label Studio.
 #
 # Targets (docker build --target NAME .):
-#   cpu     the default (last stage): ONNX Runtime only, no torch, about 0.5 GB. Serves the MobileSAM ONNX
+#   cpu     the default (last stage): ONNX Runtime only, no torch, about 0.8 GB. Serves the MobileSAM ONNX
 #           models exported in the `export` stage (RUN_ONNX_SAM=true). Needs ONNX=true (the default).
 #   torch   requirements.txt: torch + segment-anything + MobileSAM, RUN_ONNX_SAM=false, DEVICE=auto. This is
 #           also the CUDA image: PyPI's Linux torch wheel ships the CUDA runtime, so the same image uses an
 #           NVIDIA GPU when the container gets one (compose: the GPU block in docker-compose.yml) and the CPU
-#           otherwise. Several GB. Needed for SAM_CHOICE=SAM (ViT-B/L/H) and for exact torch masks.
+#           otherwise. Several GB. Needed for SAM_CHOICE=SAM (ViT-B/L/H) and the torch predictor.
 #   export  build stage: torch, the verified MobileSAM checkpoint and (ONNX=true) its ONNX export, which
 #           onnx_converter.py checks against torch on real photos (the build fails if they disagree).
 #
-# Why the CPU target has no torch: the torch wheel on PyPI is the CUDA build (about 4 GB with its nvidia-*
+# Why the CPU target has no torch: the torch wheel on PyPI is the CUDA build (over 4 GB with its nvidia-*
 # wheels); the small CPU-only wheel lives on PyTorch's own index, which this project does not use (package
 # registries only). So torch exists only where it is needed: in `export`, to write the ONNX files, and in
 # the `torch` target. The `cpu` image copies the models and installs requirements-onnx.txt (torch-free).
@@ -59,7 +59,9 @@ RUN case "${ONNX}" in \
       false|0|no) echo "ONNX=${ONNX}: no ONNX export" ;; \
       *) echo "ONNX=${ONNX}: use true or false" >&2; exit 1 ;; \
     esac \
-    && chmod -R a+rX models
+    && mkdir -p models-onnx \
+    && find models -maxdepth 1 -name '*.onnx' -exec cp {} models-onnx/ \; \
+    && chmod -R a+rX models models-onnx
 
 
 FROM torch-deps AS torch
@@ -82,7 +84,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 ENV PORT=9090 \
     RUN_ONNX_SAM=true
 COPY . .
-COPY --from=export /app/models ./models
+# The ONNX files only: the torch checkpoint would be 40 MB of dead weight here.
+COPY --from=export /app/models-onnx ./models
 # Fail the build, not the first request, when the ONNX files are missing (ONNX=false) or named other than
 # where settings.py looks for them.
 RUN python -c "import settings, sys; missing = [str(p) for p in settings.from_environment().onnx_paths if not p.is_file()]; sys.exit('cpu target: missing ' + ', '.join(missing) + ' (build with ONNX=true)' if missing else 0)"
