@@ -462,6 +462,21 @@ def test_commented_gpu_block_is_valid_compose(compose_schema, tmp_path):
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"], devices
 
 
+def test_commented_sam_checkpoint_mount_lands_where_settings_look(tmp_path):
+    """The commented ViT-H checkpoint mount, uncommented, mounts the file where settings.py expects it in the
+    image (/app is the image's WORKDIR, settings.HERE)."""
+    lines = COMPOSE_FILE.read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if re.match(r"\s*# - \./models/sam_vit_h_", line))
+    lines[index] = lines[index].replace("# - ", "- ", 1)
+    path = tmp_path / "docker-compose.yml"
+    path.write_text("\n".join(lines) + "\n")
+    volumes = resolved_compose(compose_file=path)["services"][BACKEND_SERVICE]["volumes"]
+    expected = "/app/" + settings.Settings().vith_checkpoint.relative_to(settings.HERE).as_posix()
+    mount = next(v for v in volumes if v["target"] == expected)
+    assert mount["type"] == "bind" and mount.get("read_only") is True
+    assert Path(mount["source"]).name == Path(expected).name
+
+
 def test_label_studio_service(compose_defaults):
     service = compose_defaults["services"][LS_SERVICE]
     assert re.fullmatch(r"heartexlabs/label-studio:1\.23\.\d+", service["image"]), service["image"]
