@@ -75,7 +75,8 @@ def build_command(path: Path) -> str:
     model_type = match.group(1) if match else "vit_t"
     quantize = " --quantize" if match and match.group(2) else ""
     out_dir = "" if Path(path).parent.name == "models" else f" --out-dir {Path(path).parent}"
-    command = f"python onnx_converter.py --model-type {model_type} --checkpoint {CHECKPOINTS[model_type]}{out_dir}{quantize}"
+    command = (f"python onnx_converter.py --model-type {model_type} --checkpoint {CHECKPOINTS[model_type]}"
+               f"{out_dir}{quantize}")
     if match:
         return f"`{command}`"
     return f"`{command}` (it writes <model_type>.encoder.onnx and <model_type>.decoder.onnx)"
@@ -176,7 +177,8 @@ class OnnxSamPredictor:
     def load(cls, encoder_path: Path | str | None, decoder_path: Path | str, model_version: str,
              threads: int = 0, encoder: ImageEncoder | None = None,
              providers: Sequence[str] | None = None) -> "OnnxSamPredictor":
-        """Open both models. threads > 0 sets ONNX Runtime's intra-op thread count of each session.
+        """Open both models. threads > 0 sets ONNX Runtime's intra-op thread count of each session; `providers`
+        defaults to CUDA when onnxruntime-gpu offers it, else the CPU.
 
         When `encoder_path` is None or names no file and `encoder` is given (anything with an `embed` method,
         e.g. a `TorchSamPredictor`), images are embedded by `encoder` and only the decoder runs on ONNX.
