@@ -7,6 +7,7 @@ the features and `decode` takes them back.
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def build_sam(model_type: str, checkpoint: Path | None, device: torch.device) ->
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except (RuntimeError, ValueError, EOFError, OSError) as error:
+        except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
             raise CheckpointError(f"{checkpoint} is not a valid {model_type} checkpoint: "
                                   f"{str(error).splitlines()[0]}") from error
     model.eval()
