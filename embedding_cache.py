@@ -1,0 +1,111 @@
+"""Image embeddings, computed once per image content and model, shared by every thread of a process.
+
+The cache is a bounded LRU. A key being computed is computed once: other threads asking for it wait for the
+same result instead of starting a second multi-second encoder run ("single flight"). A failed computation is
+not cached; every waiter sees the error.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Hashable
+
+import numpy as np
+
+from predictor import Embedding
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingCache:
+    """LRU of at most `max_items` embeddings, keyed by (model_version, image digest) or any hashable.
+
+    compact: store features as float16 (half the memory; masks stay the same, see tests).
+    """
+
+    def __init__(self, max_items: int = 32, compact: bool = False, prewarm_queue: int = 16) -> None:
+        self.max_items = max_items
+        self.compact = compact
+        self._items: OrderedDict[Hashable, Embedding] = OrderedDict()
+        self._pending: dict[Hashable, Future] = {}
+        self._lock = threading.Lock()
+        self._prewarm_queue = prewarm_queue
+        self._prewarm_jobs: OrderedDict[Hashable, Callable[[], object]] = OrderedDict()
+        self._prewarm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prewarm")
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._items
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(item.nbytes for item in self._items.values())
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], Embedding]) -> Embedding:
+        """The embedding for `key`, calling `compute()` only if no thread has it or is computing it."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            future = self._pending.get(key)
+            owner = future is None
+            if owner:
+                future = Future()
+                self._pending[key] = future
+                self.misses += 1
+        if not owner:
+            return future.result()
+        try:
+            embedding = self._store_form(compute())
+        except BaseException as error:
+            with self._lock:
+                del self._pending[key]
+            future.set_exception(error)
+            raise
+        with self._lock:
+            self._items[key] = embedding
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+            del self._pending[key]
+        future.set_result(embedding)
+        return embedding
+
+    def prewarm(self, key: Hashable, job: Callable[[], object]) -> None:
+        """Run `job` (which fills this cache) in the background, newest first; `key` names it for
+        de-duplication, and the oldest waiting jobs are dropped when more than `prewarm_queue` wait."""
+        with self._lock:
+            self._prewarm_jobs[key] = job
+            self._prewarm_jobs.move_to_end(key)
+            while len(self._prewarm_jobs) > self._prewarm_queue:
+                self._prewarm_jobs.popitem(last=False)
+        self._prewarm_pool.submit(self._prewarm_next)
+
+    def _prewarm_next(self) -> None:
+        with self._lock:
+            if not self._prewarm_jobs:
+                return
+            _, job = self._prewarm_jobs.popitem(last=True)  # most recent first
+        try:
+            job()
+        except Exception as error:  # a background job has no caller to tell; the next click will retry
+            log.warning("prewarming an embedding failed: %s", error)
+
+    def _store_form(self, embedding: Embedding) -> Embedding:
+        if not self.compact or embedding.features.dtype == np.float16:
+            return embedding
+        return Embedding(features=embedding.features.astype(np.float16),
+                         original_size=embedding.original_size, input_size=embedding.input_size)
+
+    def close(self) -> None:
+        self._prewarm_pool.shutdown(wait=False, cancel_futures=True)
