@@ -1,0 +1,50 @@
+"""Entry points: `gunicorn _wsgi:app` (production) and `python _wsgi.py --port 9090 --with key=value ...`.
+
+The `--with` options are the seeds' (`sam_config=vit_b sam_checkpoint_file=... device=cpu out_poly=true`);
+environment variables (settings.py) give the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from server import create_app
+from settings import from_environment, with_options
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
+    return key.strip(), value.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Segment Anything backend for Label Studio (development server; "
+                                                 "use gunicorn _wsgi:app in production)")
+    parser.add_argument("-p", "--port", type=int, default=9090)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--with", dest="options", nargs="+", type=_key_value, default=[], metavar="KEY=VALUE",
+                        help="seed options: sam_config, sam_checkpoint_file, device, out_mask, out_bbox, out_poly, "
+                             "onnx, sam_choice")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ...")
+    args = parser.parse_args(argv)
+    try:
+        settings = with_options(from_environment(), dict(args.options))
+    except ValueError as error:
+        parser.error(str(error))
+    if args.log_level:
+        from dataclasses import replace
+
+        settings = replace(settings, log_level=args.log_level)
+    app = create_app(settings)
+    logging.getLogger(__name__).info("listening on http://%s:%d", args.host, args.port)
+    app.run(host=args.host, port=args.port, threaded=True, use_reloader=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+else:
+    app = create_app()

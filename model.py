@@ -1,0 +1,180 @@
+"""The Label Studio layer: `/setup` and `/predict` bodies in, Label Studio results out.
+
+Data flows one way: request -> prompt (prompts.py) -> image (images.py) -> embedding (embedding_cache.py,
+predictor) -> mask -> brush RLE result (rle.py). Nothing here knows torch or onnxruntime.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from typing import Any, Mapping
+
+import numpy as np
+
+import label_config
+import prompts
+import rle
+from embedding_cache import EmbeddingCache
+from images import ImageLoader, LabelStudioAccess
+from predictor import Embedding, Predictor
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """The request body is malformed: HTTP 400 with this message."""
+
+
+class SamModel:
+    """Answers Label Studio's calls with one predictor. Thread-safe; holds no per-request state."""
+
+    def __init__(self, predictor: Predictor, settings: Settings, images: ImageLoader | None = None,
+                 cache: EmbeddingCache | None = None, memory: prompts.PromptMemory | None = None) -> None:
+        self.predictor = predictor
+        self.settings = settings
+        self.images = images or ImageLoader(settings)
+        self.cache = cache or EmbeddingCache(settings.embedding_cache_size)
+        self.memory = memory or prompts.PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl)
+        self._projects: OrderedDict[str, LabelStudioAccess] = OrderedDict()
+        self._projects_lock = threading.Lock()
+
+    @property
+    def model_version(self) -> str:
+        return self.predictor.model_version
+
+    # ---- /setup -------------------------------------------------------------------------------------
+    def setup(self, body: Any) -> dict:
+        """Remember where the project's Label Studio is (a fallback for image downloads); never loads a model."""
+        body = _object(body, "body")
+        project, hostname, token = body.get("project"), body.get("hostname"), body.get("access_token")
+        if isinstance(project, str) and isinstance(hostname, str) and hostname and isinstance(token, str) and token:
+            with self._projects_lock:
+                self._projects[project] = LabelStudioAccess(url=hostname, token=token)
+                self._projects.move_to_end(project)
+                while len(self._projects) > 256:
+                    self._projects.popitem(last=False)
+        schema = body.get("schema")
+        if isinstance(schema, str) and schema.strip():
+            label_config.parse(schema)  # a config we cannot serve is reported when the model is connected
+        return {"model_version": self.model_version}
+
+    # ---- /predict -----------------------------------------------------------------------------------
+    def predict(self, body: Any) -> dict:
+        body = _object(body, "body")
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise RequestError("body.tasks must be a non-empty list of tasks")
+        schema = body.get("label_config")
+        if not isinstance(schema, str) or not schema.strip():
+            raise RequestError("body.label_config must be the project's labeling config (XML)")
+        config = label_config.parse(schema)
+        params = body.get("params") or {}
+        if not isinstance(params, Mapping):
+            raise RequestError("body.params must be an object")
+        regions = prompts.parse_context(params.get("context"), config)
+        project = body.get("project")
+        fallback = self._projects.get(project) if isinstance(project, str) else None
+        results = []
+        for index, task in enumerate(tasks):
+            task = _object(task, f"body.tasks[{index}]")
+            if regions:
+                results.append(self._interactive(task, index, config, regions, project, fallback))
+            else:
+                self._prewarm(task, index, config, fallback)
+                results.append(self._task_result([]))
+        return {"results": results}
+
+    def _interactive(self, task: Mapping, index: int, config: label_config.ProjectConfig,
+                     regions: list[prompts.Region], project: Any, fallback: LabelStudioAccess | None) -> dict:
+        image_name = config.prompt_tags[regions[0].group[0]].to_name
+        url = _image_url(task, index, config, image_name)
+        embedding = self._embedding(url, task, fallback)
+        _check_sizes(regions, embedding.original_size, url)
+        remembered = self.memory.exchange((project, task.get("id"), url), regions)
+        everything = prompts.combine(regions, remembered, prompts.draft_regions(task, config))
+        results = []
+        for target in dict.fromkeys(r.target_key for r in regions):
+            of_target = [r for r in everything if r.target_key == target]
+            prompt = prompts.build_prompt(of_target, embedding.original_size, self.settings.max_points)
+            if prompt is None:
+                continue
+            prediction = self.predictor.decode(embedding, prompt)
+            if prediction.mask.any():
+                results.append(self._brush_result(prediction.mask, prediction.score, of_target[0], image_name))
+        return self._task_result(results)
+
+    def _embedding(self, url: str, task: Mapping, fallback: LabelStudioAccess | None) -> Embedding:
+        data = self.images.fetch(url, fallback, task_id=_task_id(task))
+        key = (self.model_version, hashlib.sha256(data).hexdigest())
+        max_pixels = self.settings.max_image_pixels
+        return self.cache.get_or_compute(key, lambda: self.predictor.embed(ImageLoader.decode(data, max_pixels)))
+
+    def _prewarm(self, task: Mapping, index: int, config: label_config.ProjectConfig,
+                 fallback: LabelStudioAccess | None) -> None:
+        """Compute the embedding of a task Label Studio just opened, so the first click is a warm one."""
+        image_name = next(iter(config.image_tags))
+        try:
+            url = _image_url(task, index, config, image_name)
+        except RequestError:
+            return
+        self.cache.prewarm(url, lambda: self._embedding(url, task, fallback))
+
+    def _brush_result(self, mask: np.ndarray, score: float, region: prompts.Region, image_name: str) -> dict:
+        height, width = mask.shape
+        return {
+            "id": uuid.uuid4().hex[:10],
+            "from_name": region.target.brush_tag,
+            "to_name": image_name,
+            "type": "brushlabels",
+            "original_width": width,
+            "original_height": height,
+            "image_rotation": 0,
+            "readonly": False,
+            "score": round(min(max(score, 0.0), 1.0), 4),
+            "value": {"format": "rle", "rle": rle.encode(mask), "brushlabels": [region.target.label]},
+        }
+
+    def _task_result(self, results: list[dict]) -> dict:
+        score = float(np.mean([r["score"] for r in results])) if results else 0.0
+        return {"result": results, "score": round(score, 4), "model_version": self.model_version}
+
+
+def _object(value: Any, where: str) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise RequestError(f"{where} must be a JSON object")
+    return value
+
+
+def _task_id(task: Mapping) -> int | None:
+    task_id = task.get("id")
+    return task_id if isinstance(task_id, int) and not isinstance(task_id, bool) else None
+
+
+def _image_url(task: Mapping, index: int, config: label_config.ProjectConfig, image_name: str) -> str:
+    data = task.get("data")
+    key = config.image_tags[image_name]
+    if not isinstance(data, Mapping) or not isinstance(data.get(key), str) or not data.get(key):
+        raise RequestError(f"body.tasks[{index}].data.{key} must be the URL of the task's image "
+                           f"(the config's <Image name={image_name!r} value='${key}'>)")
+    return data[key]
+
+
+def _check_sizes(regions: list[prompts.Region], size: tuple[int, int], url: str) -> None:
+    """Refuse a context measured on another image than the one the task names."""
+    height, width = size
+    for region in regions:
+        if region.original_size is None:
+            continue
+        their_width, their_height = region.original_size
+        if abs(their_width - width) > 1 or abs(their_height - height) > 1:
+            raise prompts.ContextError(
+                f"region {region.id} was drawn on a {their_width}x{their_height} image, but the task's image "
+                f"{_redacted(url)} is {width}x{height}")
+
+
+def _redacted(url: str) -> str:
+    return url.split("?", 1)[0]

@@ -1,0 +1,154 @@
+"""The HTTP side: a Flask application factory speaking Label Studio's ML backend protocol.
+
+Routes: `GET /` and `GET /health`, `POST /setup`, `POST /predict`, `POST /webhook`, `GET /metrics`.
+Every error is a JSON body `{"error": ...}`: 4xx for what the caller sent, 5xx (without a traceback; the
+traceback goes to the log) for our own faults.
+"""
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import threading
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+import predictor as predictors
+from images import ImageError
+from label_config import ConfigError
+from model import RequestError, SamModel
+from prompts import ContextError
+from settings import Settings, from_environment
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    """Request counts and latencies, per route. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._routes: dict[str, dict[str, float]] = {}
+        self.started = time.time()
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        with self._lock:
+            entry = self._routes.setdefault(route, {"count": 0, "errors": 0, "seconds_total": 0.0,
+                                                    "seconds_max": 0.0})
+            entry["count"] += 1
+            entry["errors"] += status >= 400
+            entry["seconds_total"] += seconds
+            entry["seconds_max"] = max(entry["seconds_max"], seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {route: dict(values) for route, values in self._routes.items()}
+
+
+def create_app(settings: Settings | None = None, predictor: predictors.Predictor | None = None) -> Flask:
+    """Build the app. Loads the model now (once per process), unless a `predictor` is handed in."""
+    settings = settings or from_environment()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    predictor = predictor or predictors.load(settings)
+    log.info("model %s ready in %.1f s", predictor.model_version, time.monotonic() - started)
+    model = SamModel(predictor, settings)
+    metrics = Metrics()
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
+    app.json.sort_keys = False
+    app.extensions["sam_model"] = model
+
+    @app.before_request
+    def _authenticate_and_time():
+        g.started = time.perf_counter()
+        if settings.basic_auth_user and not _authorized(settings):
+            return Response(response='{"error": "authentication required"}', status=401,
+                            mimetype="application/json",
+                            headers={"WWW-Authenticate": 'Basic realm="sam-backend"'})
+        return None
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        if request.url_rule is not None:
+            metrics.observe(request.url_rule.rule, response.status_code, time.perf_counter() - g.started)
+        return response
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return jsonify(status="UP", model_class=type(predictor).__name__, model_loaded=True,
+                       model_version=model.model_version)
+
+    @app.post("/setup")
+    def setup():
+        return jsonify(model.setup(_json_body()))
+
+    @app.post("/predict")
+    def predict():
+        return jsonify(model.predict(_json_body()))
+
+    @app.post("/webhook")
+    def webhook():
+        body = request.get_json(silent=True)
+        action = body.get("action") if isinstance(body, dict) else None
+        log.debug("webhook %s", action)
+        return jsonify(status="ok", action=action), 200
+
+    @app.get("/metrics")
+    def metrics_route():
+        return jsonify(model_version=model.model_version, uptime_seconds=round(time.time() - metrics.started, 1),
+                       routes=metrics.snapshot(),
+                       embedding_cache={"items": len(model.cache), "bytes": model.cache.nbytes,
+                                        "hits": model.cache.hits, "misses": model.cache.misses})
+
+    @app.errorhandler(RequestError)
+    @app.errorhandler(ContextError)
+    def _bad_request(error: ValueError):
+        return jsonify(error=str(error)), 400
+
+    @app.errorhandler(ConfigError)
+    def _bad_config(error: ConfigError):
+        return jsonify(error=str(error)), 422
+
+    @app.errorhandler(ImageError)
+    def _image_error(error: ImageError):
+        return jsonify(error=error.message), error.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException):
+        return jsonify(error=f"{error.name}: {error.description}"), error.code
+
+    @app.errorhandler(Exception)
+    def _server_error(error: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(error=f"internal error ({type(error).__name__}); see the backend's log"), 500
+
+    return app
+
+
+def _json_body() -> Any:
+    if not request.get_data(cache=True):
+        raise RequestError("the request body is empty; send a JSON object")
+    body = request.get_json(silent=True, force=True)
+    if body is None:
+        raise RequestError("the request body is not valid JSON")
+    return body
+
+
+def _authorized(settings: Settings) -> bool:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(header[6:], validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    user_ok = hmac.compare_digest(user.encode(), settings.basic_auth_user.encode())
+    pass_ok = hmac.compare_digest(password.encode(), settings.basic_auth_pass.encode())
+    return user_ok and pass_ok
