@@ -10,6 +10,7 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -94,7 +95,8 @@ class SamModel:
         url = _image_url(task, index, config, image_name)
         embedding = self._embedding(url, task, fallback)
         _check_sizes(regions, embedding.original_size, url)
-        remembered = self.memory.exchange((project, task.get("id"), url), regions)
+        task_key = (project, task.get("id"), url)
+        remembered = self.memory.exchange(task_key, regions)
         everything = prompts.combine(regions, remembered, prompts.draft_regions(task, config))
         results = []
         for target in dict.fromkeys(r.target_key for r in regions):
@@ -102,7 +104,13 @@ class SamModel:
             prompt = prompts.build_prompt(of_target, embedding.original_size, self.settings.max_points)
             if prompt is None:
                 continue
+            if self.settings.refine_masks:
+                previous = self.memory.previous_mask(task_key, target, prompt)
+                if previous is not None:
+                    prompt = replace(prompt, mask_input=previous)
             prediction = self.predictor.decode(embedding, prompt)
+            self.memory.remember_mask(task_key, target, replace(prompt, mask_input=None),
+                                      prediction.low_res_logits)
             if prediction.mask.any():
                 results.append(self._brush_result(prediction.mask, prediction.score, of_target[0], image_name))
         return self._task_result(results)

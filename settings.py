@@ -57,6 +57,7 @@ class Settings:
     embedding_cache_size: int = 32  # EMBEDDING_CACHE_SIZE (images)
     prompt_memory_size: int = 1024  # PROMPT_MEMORY_SIZE (task, class) entries
     prompt_memory_ttl: float = 3600.0  # PROMPT_MEMORY_TTL seconds
+    refine_masks: bool = True  # REFINE_MASKS: feed the previous mask of the object back to SAM with each new click
     # Outputs
     out_mask: bool = True  # OUT_MASK (--with out_mask)
     out_bbox: bool = False  # OUT_BBOX (--with out_bbox)
@@ -117,6 +118,7 @@ ENVIRONMENT = {
     "EMBEDDING_CACHE_SIZE": "embedding_cache_size",
     "PROMPT_MEMORY_SIZE": "prompt_memory_size",
     "PROMPT_MEMORY_TTL": "prompt_memory_ttl",
+    "REFINE_MASKS": "refine_masks",
     "OUT_MASK": "out_mask",
     "OUT_BBOX": "out_bbox",
     "OUT_POLY": "out_poly",

@@ -112,8 +112,9 @@ def fake_label_studio():
 def base_settings(fake_label_studio, mobile_sam_checkpoint):
     from settings import Settings
 
+    # Refinement off: each answer is then a pure function of its prompt, which the tests recompute.
     return Settings(label_studio_url=fake_label_studio.url, label_studio_api_key=LS_TOKEN,
-                    mobilesam_checkpoint=mobile_sam_checkpoint, device="cpu")
+                    mobilesam_checkpoint=mobile_sam_checkpoint, device="cpu", refine_masks=False)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,10 @@ MobileSAM weights. Masks are checked against the predictor called directly with 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -207,6 +209,39 @@ def test_alias_rectangle(live_backend, chelsea_path):
     assert region["value"]["brushlabels"] == ["1"] and decoded(region).mean() > 0.1
 
 
+def test_each_added_click_refines_the_previous_mask(base_settings, torch_predictor, chelsea_embedding,
+                                                    chelsea_path):
+    """With REFINE_MASKS on, a second click feeds the first answer's low-res logits back to SAM."""
+    from conftest import make_live_backend
+
+    backend = make_live_backend(base_settings, torch_predictor, refine_masks=True)
+    try:
+        body = with_image(recorded("keypoints_positive_and_negative"), chelsea_path, task_id=110)
+        clicks = body["params"]["context"]["result"]
+        first, second = copy.deepcopy(body), body
+        first["params"]["context"]["result"] = clicks[:1]
+        first_points = [px(c["value"]["x"], c["value"]["y"]) for c in clicks[:1]]
+        all_points = [px(c["value"]["x"], c["value"]["y"]) for c in clicks]
+        assert post(backend, first).status_code == 200
+        (region,) = post(backend, second).json()["results"][0]["result"]
+        previous = torch_predictor.decode(chelsea_embedding, Prompt(np.array(first_points, np.float32),
+                                                                    np.array([1], np.int32)))
+        refined = torch_predictor.decode(chelsea_embedding, Prompt(np.array(all_points, np.float32),
+                                                                   np.array([1, 0], np.int32),
+                                                                   mask_input=previous.low_res_logits)).mask
+        fresh = expected(torch_predictor, chelsea_embedding, all_points, [1, 0])
+        assert iou(decoded(region), refined) >= 0.99
+        assert not np.array_equal(refined, fresh), "the previous mask must make a difference here"
+        # Moving a click is not "adding" one: that prompt starts afresh.
+        moved = copy.deepcopy(second)
+        moved["params"]["context"]["result"][0]["value"]["x"] += 5
+        (region,) = post(backend, moved).json()["results"][0]["result"]
+        points = [px(c["value"]["x"], c["value"]["y"]) for c in moved["params"]["context"]["result"]]
+        assert iou(decoded(region), expected(torch_predictor, chelsea_embedding, points, [1, 0])) >= 0.99
+    finally:
+        backend.close()
+
+
 # ---- no context: open a task, retrieve predictions ----------------------------------------------------------
 def test_open_task_returns_no_region_and_prewarms(live_backend, fake_label_studio):
     path = fake_label_studio.add_image("/data/upload/2/coffee.jpg", skimage.data.coffee())
@@ -215,12 +250,12 @@ def test_open_task_returns_no_region_and_prewarms(live_backend, fake_label_studi
     assert answer.status_code == 200
     (task,) = answer.json()["results"]
     assert task["result"] == [] and task["model_version"]
-    cache = live_backend.app.extensions["sam_model"].cache
-    before = cache.misses
-    deadline = __import__("time").monotonic() + 60
-    while cache.misses == before or len(cache._pending):
-        assert __import__("time").monotonic() < deadline, "the opened task's image was never embedded"
-        __import__("time").sleep(0.2)
+    model = live_backend.app.extensions["sam_model"]
+    key = (model.model_version, hashlib.sha256(fake_label_studio.files[path]).hexdigest())
+    deadline = time.monotonic() + 120
+    while key not in model.cache:
+        assert time.monotonic() < deadline, "the opened task's image was never embedded"
+        time.sleep(0.2)
 
 
 def test_retrieve_predictions_answers_every_task_in_order(live_backend, chelsea_path):
