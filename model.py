@@ -38,7 +38,7 @@ class SamModel:
         self.predictor = predictor
         self.settings = settings
         self.images = images or ImageLoader(settings)
-        self.cache = cache or EmbeddingCache(settings.embedding_cache_size)
+        self.cache = cache or EmbeddingCache(settings.embedding_cache_size, compact=settings.embedding_float16)
         self.memory = memory or prompts.PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl)
         self._projects: OrderedDict[str, LabelStudioAccess] = OrderedDict()
         self._projects_lock = threading.Lock()

@@ -55,6 +55,7 @@ class Settings:
     allow_private_hosts: bool = False  # ALLOW_PRIVATE_IMAGE_HOSTS
     # Caches and memory of earlier calls
     embedding_cache_size: int = 32  # EMBEDDING_CACHE_SIZE (images)
+    embedding_float16: bool = True  # EMBEDDING_FLOAT16: cache embeddings as float16 (2 MB instead of 4 MB each)
     prompt_memory_size: int = 1024  # PROMPT_MEMORY_SIZE (task, class) entries
     prompt_memory_ttl: float = 3600.0  # PROMPT_MEMORY_TTL seconds
     refine_masks: bool = True  # REFINE_MASKS: feed the previous mask of the object back to SAM with each new click
@@ -116,6 +117,7 @@ ENVIRONMENT = {
     "ALLOWED_IMAGE_HOSTS": "allowed_hosts",
     "ALLOW_PRIVATE_IMAGE_HOSTS": "allow_private_hosts",
     "EMBEDDING_CACHE_SIZE": "embedding_cache_size",
+    "EMBEDDING_FLOAT16": "embedding_float16",
     "PROMPT_MEMORY_SIZE": "prompt_memory_size",
     "PROMPT_MEMORY_TTL": "prompt_memory_ttl",
     "REFINE_MASKS": "refine_masks",
