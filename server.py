@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import logging
 import threading
 import time
@@ -95,7 +96,10 @@ def create_app(settings: Settings | None = None, predictor: predictors.Predictor
 
     @app.post("/webhook")
     def webhook():
-        body = request.get_json(silent=True)
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:  # silent=True only silences ValueError
+            body = None
         action = body.get("action") if isinstance(body, dict) else None
         log.debug("webhook %s", action)
         return jsonify(status="ok", action=action), 200
@@ -133,12 +137,15 @@ def create_app(settings: Settings | None = None, predictor: predictors.Predictor
 
 
 def _json_body() -> Any:
-    if not request.get_data(cache=True):
+    data = request.get_data(cache=True)
+    if not data.strip():
         raise RequestError("the request body is empty; send a JSON object")
-    body = request.get_json(silent=True, force=True)
-    if body is None:
-        raise RequestError("the request body is not valid JSON")
-    return body
+    try:
+        return json.loads(data)
+    except RecursionError:  # the C decoder's recursion guard: not a ValueError, and no server fault
+        raise RequestError("the request body is nested too deeply to be read") from None
+    except ValueError as error:  # JSONDecodeError (with line and column), UnicodeDecodeError, too many digits
+        raise RequestError(f"the request body is not valid JSON: {error}") from None
 
 
 def _authorized(settings: Settings) -> bool:
