@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import predictor as predictors
 from images import ImageError
@@ -138,6 +138,11 @@ def create_app(settings: Settings | None = None, predictor: predictors.Predictor
 
 def _json_body() -> Any:
     data = request.get_data(cache=True)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        # A body without Content-Length (chunked) is cut at MAX_CONTENT_LENGTH by werkzeug, not refused: a body
+        # that fills the limit is taken as one that went past it.
+        raise RequestEntityTooLarge()
     if not data.strip():
         raise RequestError("the request body is empty; send a JSON object")
     try:
