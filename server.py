@@ -154,13 +154,21 @@ def _json_body() -> Any:
 
 
 def _authorized(settings: Settings) -> bool:
-    header = request.headers.get("Authorization", "")
-    if not header.startswith("Basic "):
+    scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "basic":  # auth schemes are case-insensitive (RFC 9110)
         return False
     try:
-        user, _, password = base64.b64decode(header[6:], validate=True).decode("utf-8").partition(":")
-    except (ValueError, UnicodeDecodeError):
+        user, _, password = base64.b64decode(credentials.strip(), validate=True).partition(b":")
+    except ValueError:
         return False
-    user_ok = hmac.compare_digest(user.encode(), settings.basic_auth_user.encode())
-    pass_ok = hmac.compare_digest(password.encode(), settings.basic_auth_pass.encode())
-    return user_ok and pass_ok
+    # Label Studio calls the backend with python-requests, which encodes Basic credentials as Latin-1; browsers
+    # and curl send UTF-8. Either encoding of the configured credentials is accepted.
+    matches = []
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            expected_user = settings.basic_auth_user.encode(encoding)
+            expected_pass = settings.basic_auth_pass.encode(encoding)
+        except UnicodeEncodeError:
+            continue
+        matches.append(hmac.compare_digest(user, expected_user) & hmac.compare_digest(password, expected_pass))
+    return any(matches)
