@@ -57,9 +57,13 @@ class Region:
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ContextError(f"{where} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer beyond any float
+        raise ContextError(f"{where} must be finite, got an integer beyond any float") from None
+    if not math.isfinite(number):
         raise ContextError(f"{where} must be finite, got {value}")
-    return float(value)
+    return number
 
 
 def parse_region(raw: Any, config: ProjectConfig, where: str) -> Region:
