@@ -59,6 +59,14 @@ def _shape(name: str, size: tuple[int, int]) -> np.ndarray:
         radii = np.where(np.arange(10) % 2 == 0, outer, outer * 0.45)
         points = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
         cv2.fillPoly(canvas, [points.round().astype(np.int32)], 255)
+    elif name == "ring":  # an object with a hole: the background shows through its middle
+        centre = (int(width * 0.5), int(height * 0.5))
+        cv2.ellipse(canvas, centre, (int(width * 0.3), int(height * 0.35)), 0, 0, 360, 255, -1)
+        cv2.ellipse(canvas, centre, (int(width * 0.14), int(height * 0.16)), 0, 0, 360, 0, -1)
+    elif name == "pair":  # one object in two parts that do not touch
+        radius = int(min(height, width) * 0.17)
+        cv2.circle(canvas, (int(width * 0.27), int(height * 0.45)), radius, 255, -1)
+        cv2.circle(canvas, (int(width * 0.72), int(height * 0.58)), radius, 255, -1)
     else:
         raise KeyError(name)
     return canvas > 0
@@ -86,10 +94,17 @@ RECIPES = {
     "star-chelsea-grass": ("star", "chelsea", "grass"),
 }
 
+#: scenes outside `all_scenes` (which existing tests iterate): a holed object and a two-part one, for the
+#: quality benchmark's variety and the polygon tests
+EXTRA_RECIPES = {
+    "ring-rocket-gravel": ("ring", "rocket", "gravel"),
+    "pair-coffee-brick": ("pair", "coffee", "brick"),
+}
+
 
 @lru_cache(maxsize=64)
 def scene(name: str, size: tuple[int, int] = (480, 640)) -> Scene:
-    shape, texture, background = RECIPES[name]
+    shape, texture, background = RECIPES[name] if name in RECIPES else EXTRA_RECIPES[name]
     mask = _shape(shape, size)
     image = _fit(_rgb(PHOTOS[background]()), size).copy()
     image[mask] = _fit(_rgb(PHOTOS[texture]()), size)[mask]
@@ -100,6 +115,10 @@ def scene(name: str, size: tuple[int, int] = (480, 640)) -> Scene:
 
 def all_scenes(size: tuple[int, int] = (480, 640)) -> list[Scene]:
     return [scene(name, size) for name in RECIPES]
+
+
+def extra_scenes(size: tuple[int, int] = (480, 640)) -> list[Scene]:
+    return [scene(name, size) for name in EXTRA_RECIPES]
 
 
 def interior_point(mask: np.ndarray) -> tuple[float, float]:
