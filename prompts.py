@@ -30,6 +30,11 @@ class ContextError(ValueError):
     """A region in the request is malformed; the message names where."""
 
 
+#: How far (in percent of the image side) a point or rectangle edge may lie beyond the image and still be taken as
+#: meaning its border; anything further out is refused. Label Studio sends percent of the image, 0 to 100.
+OUTSIDE_MARGIN = 10.0
+
+
 @dataclass(frozen=True)
 class Region:
     """One keypoint or rectangle, in percent of the image (Label Studio's units).
@@ -66,6 +71,13 @@ def _number(value: Any, where: str) -> float:
     return number
 
 
+def _percent(value: float, where: str) -> float:
+    if not -OUTSIDE_MARGIN <= value <= 100 + OUTSIDE_MARGIN:
+        raise ContextError(f"{where} is {value:g}: outside the image (Label Studio sends percent of the image, 0 to "
+                           f"100; up to {OUTSIDE_MARGIN:g} beyond an edge is taken as the edge)")
+    return value
+
+
 def parse_region(raw: Any, config: ProjectConfig, where: str) -> Region:
     """Validate one region of a context or draft; ContextError / ConfigError say what and where."""
     if not isinstance(raw, Mapping):
@@ -90,8 +102,8 @@ def parse_region(raw: Any, config: ProjectConfig, where: str) -> Region:
     is_positive = raw.get("is_positive", True)
     if not isinstance(is_positive, bool):
         raise ContextError(f"{where}.is_positive must be true or false")
-    x = _number(value.get("x"), f"{where}.value.x")
-    y = _number(value.get("y"), f"{where}.value.y")
+    x = _percent(_number(value.get("x"), f"{where}.value.x"), f"{where}.value.x")
+    y = _percent(_number(value.get("y"), f"{where}.value.y"), f"{where}.value.y")
     width = height = rotation = 0.0
     if region_type == "rectanglelabels":
         width = _number(value.get("width"), f"{where}.value.width")
@@ -99,6 +111,8 @@ def parse_region(raw: Any, config: ProjectConfig, where: str) -> Region:
         rotation = _number(value.get("rotation", 0), f"{where}.value.rotation")
         if width <= 0 or height <= 0:
             raise ContextError(f"{where}: a rectangle needs a positive width and height, got {width}x{height}")
+        _percent(x + width, f"{where}.value.width: the right edge, x + width,")
+        _percent(y + height, f"{where}.value.height: the bottom edge, y + height,")
     original_size = None
     if "original_width" in raw or "original_height" in raw:
         size = [_number(raw.get(k), f"{where}.{k}") for k in ("original_width", "original_height")]
@@ -246,7 +260,8 @@ def build_prompt(regions: Sequence[Region], image_size: tuple[int, int], max_poi
     keypoints = [r for r in regions if r.type == "keypointlabels"]
     rectangles = [r for r in regions if r.type == "rectanglelabels"]
     if len(keypoints) > max_points:
-        raise ContextError(f"{len(keypoints)} keypoints for one object; at most {max_points} are accepted")
+        raise ContextError(f"{len(keypoints)} keypoints for {keypoints[0].target.label!r}; at most {max_points} are "
+                           f"accepted for one object (MAX_POINTS)")
     points = np.array([[_clamp(r.x, 100) * width / 100, _clamp(r.y, 100) * height / 100] for r in keypoints],
                       dtype=np.float32).reshape(-1, 2)
     labels = np.array([1 if r.positive else 0 for r in keypoints], dtype=np.int32)
@@ -272,5 +287,7 @@ def _box_pixels(region: Region, width: int, height: int) -> np.ndarray:
     ys = [y0 + cx * math.sin(angle) + cy * math.cos(angle) for cx, cy in corners]
     box = np.array([max(min(xs), 0), max(min(ys), 0), min(max(xs), width), min(max(ys), height)], np.float32)
     if box[2] - box[0] < 1 or box[3] - box[1] < 1:
-        raise ContextError(f"rectangle {region.id} lies outside the image")
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise ContextError(f"rectangle {region.id} lies outside the image")
+        raise ContextError(f"rectangle {region.id} covers less than a pixel of the {width}x{height} image")
     return box
