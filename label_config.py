@@ -48,12 +48,34 @@ class PromptTag:
 
 
 @dataclass(frozen=True)
+class OutputTag:
+    """A PolygonLabels or RectangleLabels tag a mask's outline can be written into (see outputs.py).
+
+    labels: brush target key (brush tag, brush label value) -> this tag's label value, for each label that
+    names a brush label as a prompt label would (same value, or the seed's numeric aliases).
+    """
+
+    name: str
+    type: str  # "polygonlabels" | "rectanglelabels"
+    to_name: str
+    labels: Mapping[tuple[str, str], str]
+
+
+@dataclass(frozen=True)
 class ProjectConfig:
     """The parts of a labeling config this backend needs."""
 
     image_tags: Mapping[str, str]  # Image tag name -> task data key ("$image" -> "image")
     brush_tags: Mapping[str, str]  # BrushLabels tag name -> its Image tag name
     prompt_tags: Mapping[str, PromptTag] = field(default_factory=dict)
+    output_tags: Mapping[str, OutputTag] = field(default_factory=dict)
+
+    def output_tag(self, kind: str, image: str, target: tuple[str, str]) -> tuple[str, str] | None:
+        """(tag name, label value) of the first `kind` output tag of `image` with a label for `target`."""
+        for tag in self.output_tags.values():
+            if tag.type == kind and tag.to_name == image and target in tag.labels:
+                return tag.name, tag.labels[target]
+        return None
 
     def target(self, from_name: str, label: str) -> Target:
         """The target of `label` sent from the tag `from_name`; ConfigError naming both when there is none."""
@@ -97,7 +119,7 @@ def parse(xml: str) -> ProjectConfig:
         raise ConfigError("labeling config has no KeyPointLabels or RectangleLabels tag whose labels match "
                           "a BrushLabels label")
     return ProjectConfig(MappingProxyType(image_tags), MappingProxyType(brush_tags),
-                         MappingProxyType(prompt_tags))
+                         MappingProxyType(prompt_tags), _output_tags(interface.controls, image_tags, brushes))
 
 
 def _image_of(control, image_tags: Mapping[str, str]) -> str | None:
@@ -121,3 +143,28 @@ def _target_of(sent: str, attrs: Mapping[str, str], brush) -> Target | None:
         if brush_attrs.get("alias") in (value, sent):
             return Target(brush.name, brush_value, positive=True)
     return None
+
+
+#: control tag (lower case) -> result type of the tags a mask's outline can be written into
+OUTPUT_TYPES = {"polygonlabels": "polygonlabels", "rectanglelabels": "rectanglelabels"}
+
+
+def _output_tags(controls, image_tags: Mapping[str, str], brushes) -> Mapping[str, OutputTag]:
+    """PolygonLabels / RectangleLabels tags of an image, with their labels that match that image's brush labels.
+
+    A RectangleLabels tag is usually also a prompt tag; outputs.py writes into it only when OUT_BBOX is on.
+    """
+    tags = {}
+    for control in controls:
+        image = _image_of(control, image_tags)
+        if control.tag.lower() not in OUTPUT_TYPES or not image:
+            continue
+        labels = {}
+        for brush in (b for b in brushes if _image_of(b, image_tags) == image):
+            for sent, attrs in (control.labels_attrs or {}).items():
+                target = _target_of(sent, attrs.attr, brush)
+                if target is not None and target.positive:
+                    labels.setdefault((target.brush_tag, target.label), attrs.attr.get("value", sent))
+        tags[control.name] = OutputTag(control.name, OUTPUT_TYPES[control.tag.lower()], image,
+                                       MappingProxyType(labels))
+    return MappingProxyType(tags)
