@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 import label_config
+import outputs
 import prompts
 import rle
 from embedding_cache import EmbeddingCache
@@ -111,8 +112,12 @@ class SamModel:
             prediction = self.predictor.decode(embedding, prompt)
             self.memory.remember_mask(task_key, target, replace(prompt, mask_input=None),
                                       prediction.low_res_logits)
-            if prediction.mask.any():
+            if not prediction.mask.any():
+                continue
+            if self.settings.out_mask:
                 results.append(self._brush_result(prediction.mask, prediction.score, of_target[0], image_name))
+            results += outputs.outline_results(prediction.mask, prediction.score, target, image_name, config,
+                                               self.settings)
         return self._task_result(results)
 
     def _embedding(self, url: str, task: Mapping, fallback: LabelStudioAccess | None) -> Embedding:
