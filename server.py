@@ -54,6 +54,10 @@ def create_app(settings: Settings | None = None, predictor: predictors.Predictor
     settings = settings or from_environment()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # urllib3 logs each request's full URL at DEBUG, query included (presigned signatures, tokens); images.py logs
+    # its fetches itself, redacted.
+    urllib3_log = logging.getLogger("urllib3")
+    urllib3_log.setLevel(max(urllib3_log.level, logging.INFO))
     started = time.monotonic()
     predictor = predictor or predictors.load(settings)
     log.info("model %s ready in %.1f s", predictor.model_version, time.monotonic() - started)
