@@ -11,8 +11,8 @@ Polygons (`polygons`, `polygon_regions`):
 * traced along the pixels' outer edges, exactly (the 2x-upsampled mask's contour, mapped back to pixel
   corners: the unsimplified polygon re-rasterises to the very same pixels), then simplified with
   Douglas-Peucker at `tolerance` pixels. At the default 1 px, re-rasterised MobileSAM and true masks of
-  tests/scenes.py keep IoU 0.97..1.0 (mean 0.99) with about 100 points per 480x640 object; 0.5 px is exact
-  on these masks at about 5x the points, 2 px keeps 0.95..1.0 at about a third of them;
+  tests/scenes.py keep IoU 0.971..1.0 (mean 0.991) with about 100 points per 480x640 object; 0.5 px is
+  exact on these masks at about 5x the points, 2 px keeps 0.947..1.0 (mean 0.985) at a third of them;
 * holes are dropped, i.e. filled: Label Studio polygons have no holes, so a component's polygon is its outer
   border, and anything inside a hole (an island) is already covered by it. The IoU with the mask is then
   mask area / filled area: 0.79 on tests/scenes.py's ring, 1.0 on hole-free masks. (The brush region keeps
@@ -45,9 +45,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: Douglas-Peucker tolerance in pixels (the setting POLYGON_TOLERANCE, once there is one)
+#: Douglas-Peucker tolerance in pixels (settings.polygon_tolerance, POLYGON_TOLERANCE, when it exists)
 DEFAULT_TOLERANCE = 1.0
-#: components of fewer pixels get no polygon
+#: components of fewer pixels get no polygon (settings.polygon_min_area, POLYGON_MIN_AREA, when it exists)
 DEFAULT_MIN_AREA = 16
 #: decimals of the percent coordinates (1e-4 % of a 10 000-pixel side is 0.01 px)
 DECIMALS = 4
@@ -214,7 +214,8 @@ def outline_results(mask: np.ndarray, score: float, target: tuple[str, str], ima
     polygon_tag = config.output_tag("polygonlabels", image, tuple(target))
     if polygon_tag is not None:
         results += polygon_regions(mask, from_name=polygon_tag[0], to_name=image, label=polygon_tag[1],
-                                   score=score, tolerance=getattr(settings, "polygon_tolerance", DEFAULT_TOLERANCE))
+                                   score=score, tolerance=getattr(settings, "polygon_tolerance", DEFAULT_TOLERANCE),
+                                   min_area=getattr(settings, "polygon_min_area", DEFAULT_MIN_AREA))
     elif settings.out_poly:
         _warn_once("OUT_POLY is on, but the labeling config has no PolygonLabels tag on %r with a label for "
                    "brush label %r: no polygon", image, target[1])
