@@ -60,7 +60,7 @@ import torch
 import sam_transforms
 from advanced_sam import MODEL_TYPES, CheckpointError, TorchSamPredictor, _sparse_embedding, build_sam
 from onnx_sam import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, META_MODEL_TYPE, META_PART,
-                      META_QUANTIZATION, META_WEIGHTS, OnnxSamPredictor)
+                      META_QUANTIZATION, META_WEIGHTS, OnnxSamPredictor, open_session)
 from predictor import Embedding, Prompt
 
 log = logging.getLogger("onnx_converter")
@@ -134,6 +134,16 @@ def _stamp(path: Path, metadata: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
+def _move_into_place(folder: Path, model: Path) -> None:
+    """Move the files written in `folder` next to `model`: external data first, the model last, so a reader
+    that finds the .onnx finds its weights too. Each gets the model file's permissions (onnxruntime's quantizer
+    writes external data owner-only, which a server running as another user could not read)."""
+    mode = (folder / model.name).stat().st_mode & 0o777
+    for file in sorted(folder.iterdir(), key=lambda f: f.name == model.name):
+        os.chmod(file, mode)
+        os.replace(file, model.parent / file.name)
+
+
 def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
             output_names: list[str], dynamic: dict[str, dict[int, str]], exporter: str, opset: int,
             metadata: dict[str, str]) -> None:
@@ -156,9 +166,7 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
                               do_constant_folding=True)
         _stamp(partial, metadata)
         onnx.checker.check_model(str(partial))
-        # External data first, the model last: a reader that finds the .onnx finds its weights too.
-        for file in sorted(Path(tmp).iterdir(), key=lambda f: f.name == path.name):
-            os.replace(file, path.parent / file.name)
+        _move_into_place(Path(tmp), path)
 
 
 def export_decoder(model: torch.nn.Module, path: Path, exporter: str = "dynamo", opset: int = DEFAULT_OPSET,
@@ -213,8 +221,7 @@ def quantize(source: Path, target: Path) -> Path:
         quantize_dynamic(model, partial, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
                          weight_type=QuantType.QInt8, nodes_to_exclude=keep_float, use_external_data_format=large)
         _stamp(partial, {**metadata, META_QUANTIZATION: "int8-dynamic"})
-        for file in sorted(Path(tmp).iterdir(), key=lambda f: f.name == target.name):
-            os.replace(file, target.parent / file.name)
+        _move_into_place(Path(tmp), target)
     return target
 
 
@@ -345,16 +352,19 @@ def check(torch_predictor: TorchSamPredictor, encoder_path: Path, decoder_path: 
     onnx_predictor = OnnxSamPredictor.load(encoder_path, decoder_path, torch_predictor.model_version, threads,
                                            encoder=torch_predictor)
     has_encoder = encoder_path.is_file()
+    # Each file opened once and shared by the predictors (ViT-H's sessions take gigabytes each).
+    int8_encoder = int8_decoder = None
+    if int8_paths is not None and int8_paths[0].is_file():
+        int8_encoder = open_session(int8_paths[0], "encoder", threads)
+    if int8_paths is not None and int8_paths[1].is_file():
+        int8_decoder = open_session(int8_paths[1], "decoder", threads)
     int8 = {}
-    if int8_paths is not None:
-        int8_encoder, int8_decoder = int8_paths
-        if int8_encoder.is_file():
-            int8["int8 encoder"] = OnnxSamPredictor.load(int8_encoder, decoder_path, "int8", threads)
-        if int8_decoder.is_file():
-            int8["int8 decoder"] = OnnxSamPredictor.load(encoder_path, int8_decoder, "int8", threads,
-                                                         encoder=torch_predictor)
-        if int8_encoder.is_file() and int8_decoder.is_file():
-            int8["int8 both"] = OnnxSamPredictor.load(int8_encoder, int8_decoder, "int8", threads)
+    if int8_encoder is not None:
+        int8["int8 encoder"] = OnnxSamPredictor(int8_encoder, onnx_predictor.decoder, "int8")
+    if int8_decoder is not None:
+        int8["int8 decoder"] = OnnxSamPredictor(onnx_predictor.encoder, int8_decoder, "int8")
+    if int8_encoder is not None and int8_decoder is not None:
+        int8["int8 both"] = OnnxSamPredictor(int8_encoder, int8_decoder, "int8")
     decoder_only: list[Agreement] = []
     end_to_end: list[Agreement] = []
     int8_results: dict[str, list[Agreement]] = {name: [] for name in int8}
@@ -376,8 +386,9 @@ def check(torch_predictor: TorchSamPredictor, encoder_path: Path, decoder_path: 
                      f"encoder+decoder {_summary(rows)}")
         log.info("%s (%.1f s)", line, time.perf_counter() - started)
         fp32 = embedded if has_encoder else reference
+        int8_embedding = int8["int8 encoder"].embed(image) if int8_encoder is not None else None
         for name, predictor in int8.items():
-            candidate_embedding = predictor.embed(image) if name != "int8 decoder" else fp32
+            candidate_embedding = fp32 if name == "int8 decoder" else int8_embedding
             rows = compare(onnx_predictor, predictor, image, sample, fp32, candidate_embedding)
             int8_results[name] += rows
             log.info("    %s vs fp32: %s", name, _summary([r for r in rows if r.prompt not in INT8_UNCOUNTED]))
@@ -424,6 +435,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
                         help="torch's ONNX exporter (default: %(default)s; see the module docstring)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--check-only", action="store_true",
+                        help="export nothing: check the files already in --out-dir (int8 ones too, if present)")
     parser.add_argument("--check-images", type=int, default=len(SAMPLES),
                         help=f"photos to check on, 0 = no check (default: all {len(SAMPLES)})")
     parser.add_argument("--min-iou", type=float, default=0.99,
@@ -432,6 +445,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quantize not in (None, "exported", "encoder", "decoder", "both"):
         parser.error(f"--quantize {args.quantize}: choose encoder, decoder or both (or give no value)")
+    if args.check_only and (args.quantize or args.check_images == 0):
+        parser.error("--check-only exports and quantizes nothing, and needs --check-images > 0")
+    if args.check_only:
+        args.parts = []
     if args.opset < MIN_OPSET:
         parser.error(f"--opset must be at least {MIN_OPSET}")
     if args.random_weights and args.checkpoint is not None:
@@ -459,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().addFilter(_hide_preprocessing_advice)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    checkpoint = None if args.random_weights else args.checkpoint or DEFAULT_OUT_DIR / CHECKPOINT_NAMES[args.model_type]
+    checkpoint = None if args.random_weights else args.checkpoint or DEFAULT_OUT_DIR / CHECKPOINT_NAMES[
+        args.model_type]
     stages = 2 + len(args.parts) + (1 if args.quantize else 0)
     stage = iter(range(1, stages + 1))
 
@@ -509,10 +527,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("no decoder at %s to check; export it with --parts decoder", decoder_path)
         return 2
     log.info("[%d/%d] checking against torch on %d photos (decoder alone on torch's embedding, then encoder + "
-             "decoder%s)", number, stages, args.check_images, ", then int8 vs fp32" if args.quantize else "")
+             "decoder%s)", number, stages, args.check_images,
+             ", then int8 vs fp32" if args.quantize or args.check_only and any(p.is_file() for p in int8_paths) else "")
     torch_predictor = TorchSamPredictor(model, args.model_type, torch.device("cpu"))
     ok = check(torch_predictor, encoder_path, decoder_path, SAMPLES[:args.check_images], args.min_iou,
-               int8_paths if args.quantize else None, args.threads)
+               int8_paths if args.quantize or args.check_only else None, args.threads)
     if not ok:
         log.error("ONNX masks differ from torch's (IoU < %.2f): do not serve these files", args.min_iou)
         return 1
