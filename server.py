@@ -105,6 +105,8 @@ def create_app(settings: Settings | None = None, predictor: predictors.Predictor
         except RecursionError:  # silent=True only silences ValueError
             body = None
         action = body.get("action") if isinstance(body, dict) else None
+        if not isinstance(action, str):  # echo event names only: not NaN (no JSON) or a whole payload
+            action = None
         log.debug("webhook %s", action)
         return jsonify(status="ok", action=action), 200
 
