@@ -169,7 +169,9 @@ class _TaskMemory:
 class PromptMemory:
     """Per task: regions seen in earlier calls, by group, and the last mask of each target.
 
-    Bounded LRU over tasks with expiry. Thread-safe.
+    Bounded LRU with expiry: at most `max_tasks` tasks, and at most `max_tasks` remembered masks (one per task and
+    class, 256 KiB each) in all, so PROMPT_MEMORY_SIZE bounds the (task, class) entries whatever the number of
+    classes. Thread-safe.
     """
 
     def __init__(self, max_tasks: int = 1024, ttl: float = 3600.0) -> None:
@@ -209,7 +211,16 @@ class PromptMemory:
 
     def remember_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt, logits: np.ndarray) -> None:
         with self._lock:
-            self._touch(task_key).masks[target] = (prompt, logits)
+            memory = self._touch(task_key)
+            memory.masks.pop(target, None)
+            memory.masks[target] = (prompt, logits)  # newest last
+            excess = sum(len(m.masks) for m in self._tasks.values()) - self.max_tasks
+            for older in self._tasks.values():  # least recently used first; this task, just touched, comes last
+                while older.masks and excess > 0:
+                    del older.masks[next(iter(older.masks))]  # a task's oldest mask first
+                    excess -= 1
+                if excess <= 0:
+                    break
 
     def _touch(self, task_key: Hashable) -> _TaskMemory:
         """The task's memory, created if new, marked as just used; expires and evicts others. Lock held."""
