@@ -493,6 +493,49 @@ def test_odd_but_meaningful_input_is_served(live_backend, images, name, body, re
     assert len(task["result"]) == regions
 
 
+# ---- bounded work and memory per call ----------------------------------------------------------------------------
+def many_labels_config(count: int) -> str:
+    labels = "".join(f'<Label value="L{i}"/>' for i in range(count))
+    return (f'<View><Image name="image" value="$image"/><BrushLabels name="brush" toName="image">{labels}'
+            f'</BrushLabels><KeyPointLabels name="kp" toName="image" smart="true">{labels}</KeyPointLabels></View>')
+
+
+def labelled_clicks(labels: list[str], task_id: int, config: str) -> dict:
+    body = click_body()
+    body["tasks"][0]["id"] = task_id
+    body["label_config"] = config
+    template = region(body)
+    clicks = []
+    for index, label in enumerate(labels):
+        click = copy.deepcopy(template)
+        click.update(id=f"{label}-{index}", from_name="kp")
+        click["value"].update(x=10 + (index * 17) % 80, y=10 + (index * 29) % 80, keypointlabels=[label],
+                              labels=[label])
+        clicks.append(click)
+    body["params"]["context"]["result"] = clicks
+    return body
+
+
+def test_prompt_memory_holds_at_most_prompt_memory_size_masks(base_settings, torch_predictor, images):
+    """PROMPT_MEMORY_SIZE bounds the remembered (task, class) masks (256 KiB each), however many classes a
+    project has: one class per call, as Label Studio sends, on a few tasks."""
+    config = many_labels_config(6)
+    backend = make_live_backend(base_settings, torch_predictor, prompt_memory_size=4, refine_masks=True)
+    memory = backend.app.extensions["sam_model"].memory
+    try:
+        for task_id in (901, 902):
+            for label in ("L0", "L1", "L2", "L3", "L4", "L5"):
+                answer = send(backend.url, labelled_clicks([label], task_id, config))
+                assert answer.status_code == 200, answer.text
+                remembered = sum(len(task.masks) for task in memory._tasks.values())
+                assert remembered <= 4, f"{remembered} masks remembered with PROMPT_MEMORY_SIZE=4"
+        # the newest are kept: a further click on the last class still refines its previous mask
+        newest = next(reversed(memory._tasks.values()))
+        assert ("brush", "L5") in newest.masks and ("brush", "L4") in newest.masks
+    finally:
+        backend.close()
+
+
 # ---- server faults -----------------------------------------------------------------------------------------------
 class ExplodingPredictor:
     """A test double for the server-fault test only: embeds to zeros, and its decode (or embed) raises."""
