@@ -33,6 +33,10 @@ class ContextError(ValueError):
 #: How far (in percent of the image side) a point or rectangle edge may lie beyond the image and still be taken as
 #: meaning its border; anything further out is refused. Label Studio sends percent of the image, 0 to 100.
 OUTSIDE_MARGIN = 10.0
+#: Label Studio sends, with each smart-tool action, the regions of one label; a call with far more is not the editor's
+#: and is refused before it costs an image download, an embedding and a decode per object.
+MAX_REGIONS = 4096
+MAX_OBJECTS = 16
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,14 @@ def parse_context(context: Any, config: ProjectConfig) -> list[Region]:
         return []
     if not isinstance(result, list):
         raise ContextError("params.context.result must be a list")
-    return [parse_region(raw, config, f"params.context.result[{i}]") for i, raw in enumerate(result)]
+    if len(result) > MAX_REGIONS:
+        raise ContextError(f"params.context.result has {len(result)} regions; at most {MAX_REGIONS} are accepted")
+    regions = [parse_region(raw, config, f"params.context.result[{i}]") for i, raw in enumerate(result)]
+    objects = dict.fromkeys(r.target_key for r in regions)
+    if len(objects) > MAX_OBJECTS:
+        raise ContextError(f"params.context.result asks for {len(objects)} objects (brush labels) at once; at most "
+                           f"{MAX_OBJECTS} are accepted (Label Studio sends one per call)")
+    return regions
 
 
 def draft_regions(task: Mapping[str, Any], config: ProjectConfig) -> list[Region]:
