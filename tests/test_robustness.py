@@ -348,6 +348,9 @@ BAD: list[Case] = [
     Case("rectangle smaller than a pixel", lambda: rect_body(width=1e-6), 400, "covers less than a pixel"),
     # too much
     Case("more keypoints than MAX_POINTS", lambda: many_clicks(257), 400, "257 keypoints"),
+    Case("more regions in one call than prompts.MAX_REGIONS", lambda: many_clicks(4097), 400, "4097 regions"),
+    Case("more objects in one call than prompts.MAX_OBJECTS", lambda: labelled_clicks(
+        [f"L{i}" for i in range(17)], next(TASK_IDS), many_labels_config(20)), 400, "17 objects"),
     Case("body over MAX_CONTENT_LENGTH", lambda: Raw(b'{"tasks": "' + b"x" * (17 << 20) + b'"}'), 413,
          "Too Large"),
     Case("chunked body over MAX_CONTENT_LENGTH", lambda: Chunked([b'{"tasks": "'] + [b"x" * (1 << 20)] * 17 +
@@ -482,6 +485,7 @@ ACCEPTED = [
     ("integer coordinates as floats", lambda: click_body(x=40.0, y=45.0), 1),
     ("rotated rectangle", lambda: rect_body(rotation=30), 1),
     ("a negative click only", lambda: edit(click_body(), lambda b: region(b).update(is_positive=False)), 0),
+    ("two objects in one call", lambda: labelled_clicks(["L0", "L1"], next(TASK_IDS), many_labels_config(3)), 2),
 ]
 
 
