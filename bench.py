@@ -359,6 +359,12 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def memory_mb(pid: int) -> dict[str, float]:
     """VmRSS and VmHWM (peak RSS) of `pid` in MiB."""
     values = {}
@@ -418,6 +424,10 @@ class Server:
     def memory(self) -> dict[str, float]:
         assert self.worker is not None
         return memory_mb(self.worker)
+
+    def cpu(self) -> float:
+        assert self.worker is not None
+        return cpu_seconds(self.worker)
 
     def metrics(self) -> dict:
         import requests
@@ -563,7 +573,9 @@ class LocalPredictor:
         image = self.images[size]
         embedding = self.cache.get_or_compute(size, _unreachable)
         prompt = self.prompt(image, x, y)
+        cpu = time.process_time()
         bare, _ = timed(lambda: self.predictor.decode(embedding, prompt))
+        bare_cpu = (time.process_time() - cpu) * 1000.0
         decoder, (low_res, iou) = timed(lambda: self.predictor.decode_low_res(embedding, prompt))
         upscale, prediction = timed(lambda: sam_transforms.best_prediction(low_res, iou, prompt, embedding))
         encode, encoded = timed(lambda: rle.encode(prediction.mask))
@@ -574,7 +586,7 @@ class LocalPredictor:
             "value": {"format": "rle", "rle": encoded, "brushlabels": ["Cat"]}}],
             "score": round(prediction.score, 4), "model_version": self.predictor.model_version}]}
         to_json, text = timed(lambda: json.dumps(answer))
-        return {"bare": bare, "decoder": decoder, "upscale": upscale, "rle": encode, "json": to_json,
+        return {"bare": bare, "bare_cpu": bare_cpu, "decoder": decoder, "upscale": upscale, "rle": encode, "json": to_json,
                 "answer_bytes": len(text)}
 
     def fp32_decode_ms(self, size: str, clicks: list[tuple[float, float]]) -> dict:
@@ -665,6 +677,7 @@ def http_run(mode: str, env: dict[str, str], plan: Plan, images: ImageSet, sizes
         warm: dict[str, list[float]] = {}
         downloads: dict[str, float] = {}
         parts: dict[str, list[dict]] = {}
+        server_cpu: dict[str, float] = {}
         for size in sizes:
             image = new_image(size)  # index 0: the image the in-process numbers are taken on
             cold[size] = [client.predict(click_body(image, *image.click, ids()))[0]]
@@ -673,14 +686,17 @@ def http_run(mode: str, env: dict[str, str], plan: Plan, images: ImageSet, sizes
                 cold[size].append(client.predict(click_body(extra, *extra.click, ids()))[0])
             before = label_studio.count(image.path)
             warm[size], parts[size] = [], []
+            cpu = server.cpu()
             for x, y in image.clicks(plan.warm_repeats, seed=hash_seed(size)):
                 warm[size].append(client.predict(click_body(image, x, y, ids()))[0])
                 parts[size].append(local.click(size, x, y))
+            server_cpu[size] = round((server.cpu() - cpu) * 1000.0 / plan.warm_repeats, 1)
             downloads[size] = (label_studio.count(image.path) - before) / plan.warm_repeats
             say(f"  {size}: cold {summary(cold[size])['p50']} ms, warm p50 {summary(warm[size])['p50']} ms")
         out["cold_ms"] = {size: summary(values) for size, values in cold.items()}
         out["warm_ms"] = {size: summary(values) for size, values in warm.items()}
         out["downloads_per_warm_click"] = downloads
+        out["server_cpu_ms_per_warm_click"] = server_cpu
 
         main = main_size(sizes)
         prewarmed, opened = [], []
@@ -771,7 +787,8 @@ def http_run(mode: str, env: dict[str, str], plan: Plan, images: ImageSet, sizes
     out["cpu_pressure_avg60_after"] = cpu_pressure()
     clicks = {}
     for size, rows in parts.items():
-        clicks[size] = {key: summary([row[key] for row in rows]) for key in ("bare", "decoder", "upscale", "rle", "json")}
+        clicks[size] = {key: summary([row[key] for row in rows])
+                        for key in ("bare", "bare_cpu", "decoder", "upscale", "rle", "json")}
         clicks[size]["answer_bytes"] = rows[0]["answer_bytes"] if rows else None
         # what the server spends beyond the measured parts: HTTP, Flask, body parsing, image download and hash
         clicks[size]["rest"] = summary([w - sum(row[k] for k in ("bare", "rle", "json"))
@@ -846,21 +863,25 @@ def report(results: dict) -> str:
         if "skipped" in run:
             add(f"{mode}: skipped ({run['skipped']})")
     add("")
-    add("Warm one-click /predict over HTTP (ms) vs the bare predictor.decode of the same prompts in-process")
-    add(f"{'mode':<10} {'size':<10} {'warm p50':>8} {'p95':>7} {'bare p50':>8} {'ratio':>6} {'target':>22}"
-        f" {'GETs/click':>10}  load / CPU pressure")
+    add("Warm one-click /predict over HTTP (ms) vs the bare predictor.decode of the same prompts in-process;"
+        " CPU: the worker's CPU ms per click (/proc) vs the bare decode's")
+    add(f"{'mode':<10} {'size':<10} {'warm p50':>8} {'p95':>7} {'bare p50':>8} {'ratio':>6} {'target':>20}"
+        f" {'CPU srv':>7} {'bare':>6} {'ratio':>5} {'GETs':>4}  load / CPU pressure")
     for mode in modes:
         http, local = results["modes"][mode]["http"], results["modes"][mode]["in_process"]
         for size in results["sizes"]:
             warm, bare = http["warm_ms"][size], local["sizes"][size]["bare"]
             ratio = warm["p50"] / bare["p50"] if bare["p50"] else None
+            cpu_server, cpu_bare = http["server_cpu_ms_per_warm_click"][size], local["sizes"][size]["bare_cpu"]["p50"]
             target = ""
             if size == main:
-                target = f"<= {TARGET_WARM_OVER_BARE}x" + (f", <= {TARGET_WARM_ONNX_MS:.0f} ms" if mode != "torch"
-                                                            else "")
+                target = f"<= {TARGET_WARM_OVER_BARE}x" + (f", {TARGET_WARM_ONNX_MS:.0f} ms" if mode != "torch" else "")
             add(f"{mode:<10} {size:<10} {fmt(warm['p50']):>8} {fmt(warm['p95']):>7} {fmt(bare['p50']):>8}"
-                f" {fmt(ratio, 2):>6} {target:>22} {fmt(http['downloads_per_warm_click'][size], 2):>10}"
+                f" {fmt(ratio, 2):>6} {target:>20} {fmt(cpu_server):>7} {fmt(cpu_bare):>6}"
+                f" {fmt(cpu_server / cpu_bare if cpu_bare else None, 2):>5}"
+                f" {fmt(http['downloads_per_warm_click'][size], 1):>4}"
                 f"  {http['loadavg_before'][0]} / {fmt(http['cpu_pressure_avg60_before'])}%")
+    add("  (GETs: image downloads from Label Studio per warm click)")
     add("")
     add("Breakdown of a warm click (ms): in-process medians of the same prompts, taken right after each HTTP click;"
         " other = HTTP - bare - rle - json - fetch - sha256 (HTTP, Flask, body parsing, answer)")
