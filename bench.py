@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -381,7 +382,8 @@ _running: list["Server"] = []
 class Server:
     """`gunicorn -c gunicorn.conf.py --bind 127.0.0.1:<port> _wsgi:app` with one worker of 8 threads."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, app: str = "_wsgi:app") -> None:
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = env
@@ -395,7 +397,7 @@ class Server:
 
         gunicorn = Path(sys.executable).with_name("gunicorn")
         command = [str(gunicorn) if gunicorn.exists() else "gunicorn", "-c", "gunicorn.conf.py",
-                   "--bind", f"127.0.0.1:{self.port}", "_wsgi:app"]
+                   "--bind", f"127.0.0.1:{self.port}", self.app]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         started = time.monotonic()
@@ -520,6 +522,11 @@ class LocalPredictor:
 
     Bare decoder timings are taken right after each HTTP click of the same prompt, so that both see the same
     load on a shared machine; the server is idle meanwhile (clicks are sequential).
+
+    As in the gunicorn worker, the model is loaded by the main thread and used from another one. This matters
+    for torch (libgomp): on a busy machine, decodes run from the main thread of a fresh process took ~1 s
+    each, every time, until some other thread had used torch; from a second thread they took ~0.1 s, like the
+    server's request threads.
     """
 
     def __init__(self, env: dict[str, str]) -> None:
@@ -534,9 +541,29 @@ class LocalPredictor:
         self.cache = EmbeddingCache(len(SIZES) + 1, compact=self.settings.embedding_float16)
         self.images: dict[str, BenchImage] = {}
         self.pixels: dict[str, np.ndarray] = {}
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="local-predictor")
+
+    def _in_thread(self, function: Callable, *args):
+        return self._thread.submit(function, *args).result()
 
     def prepare(self, size: str, image: BenchImage, repeats: int, embed_repeats: int) -> dict:
         """Download, hash, decode and embed `image` (kept for `click`); their medians in ms."""
+        return self._in_thread(self._prepare, size, image, repeats, embed_repeats)
+
+    def click(self, size: str, x: float, y: float) -> dict[str, float]:
+        """Milliseconds of one click's parts: bare predictor.decode, and separately its decoder and mask
+        upscaling, then rle.encode and the JSON encoding of an answer like the server's."""
+        return self._in_thread(self._click, size, x, y)
+
+    def fp32_decode_ms(self, size: str, clicks: list[tuple[float, float]]) -> dict:
+        """The same decodes from float32 features: what the float16 cache costs per click."""
+        return self._in_thread(self._fp32_decode_ms, size, clicks)
+
+    def masks(self, size: str, count: int) -> list[np.ndarray]:
+        """Real masks for the RLE comparison: the object and some background clicks."""
+        return self._in_thread(self._masks, size, count)
+
+    def _prepare(self, size: str, image: BenchImage, repeats: int, embed_repeats: int) -> dict:
         import sam_transforms
         from images import ImageLoader
 
@@ -564,9 +591,7 @@ class LocalPredictor:
         return Prompt(np.array([[x * image.width / 100, y * image.height / 100]], np.float32),
                       np.array([1], np.int32))
 
-    def click(self, size: str, x: float, y: float) -> dict[str, float]:
-        """Milliseconds of one click's parts: bare predictor.decode, and separately its decoder and mask
-        upscaling, then rle.encode and the JSON encoding of an answer like the server's."""
+    def _click(self, size: str, x: float, y: float) -> dict[str, float]:
         import rle
         import sam_transforms
 
@@ -589,20 +614,19 @@ class LocalPredictor:
         return {"bare": bare, "bare_cpu": bare_cpu, "decoder": decoder, "upscale": upscale, "rle": encode, "json": to_json,
                 "answer_bytes": len(text)}
 
-    def fp32_decode_ms(self, size: str, clicks: list[tuple[float, float]]) -> dict:
-        """The same decodes from float32 features: what the float16 cache costs per click."""
+    def _fp32_decode_ms(self, size: str, clicks: list[tuple[float, float]]) -> dict:
         image = self.images[size]
         full = self.predictor.embed(self.pixels[size])
         return summary([timed(lambda: self.predictor.decode(full, self.prompt(image, x, y)))[0] for x, y in clicks])
 
-    def masks(self, size: str, count: int) -> list[np.ndarray]:
-        """Real masks for the RLE comparison: the object and some background clicks."""
+    def _masks(self, size: str, count: int) -> list[np.ndarray]:
         image = self.images[size]
         embedding = self.cache.get_or_compute(size, _unreachable)
         points = [image.click, (10.0, 10.0), (85.0, 80.0), (50.0, 90.0), (90.0, 15.0)]
         return [self.predictor.decode(embedding, self.prompt(image, x, y)).mask for x, y in points[:count]]
 
     def close(self) -> None:
+        self._thread.shutdown()
         self.cache.close()
         self.predictor = None
         self.cache = None
@@ -654,10 +678,10 @@ class TaskIds:
 
 def http_run(mode: str, env: dict[str, str], plan: Plan, images: ImageSet, sizes: list[str],
              label_studio: FakeLabelStudio, local: LocalPredictor, log_dir: Path,
-             say: Callable[[str], None]) -> tuple[dict, dict]:
+             say: Callable[[str], None], app: str = "_wsgi:app") -> tuple[dict, dict]:
     """The HTTP measurements of one mode; also returns the in-process click parts (ms) per size, taken
     right after each warm HTTP click of the same prompt."""
-    server = Server(env, log_dir / f"bench-server-{mode}.log")
+    server = Server(env, log_dir / f"bench-server-{mode}.log", app)
     ids = TaskIds()
     out: dict[str, Any] = {"loadavg_before": load(), "cpu_pressure_avg60_before": cpu_pressure()}
     used: dict[str, int] = {size: 0 for size in SIZES}  # images of each size this server has seen
@@ -857,7 +881,7 @@ def report(results: dict) -> str:
         f" {fmt(m['cpu_pressure_avg60_start'])}% / {fmt(results['cpu_pressure_avg60_end'])}%); commit {m['commit']};"
         f" {'QUICK' if results['quick'] else 'full'} run in {results['duration_s']:.0f} s")
     env = {**m["env"], **results["extra_env"]}
-    add(f"Server: gunicorn -c gunicorn.conf.py, WORKERS=1 THREADS=8, {env or 'default settings'}")
+    add(f"Server: gunicorn -c gunicorn.conf.py {results['app']}, WORKERS=1 THREADS=8, {env or 'default settings'}")
     modes = [mode for mode, run in results["modes"].items() if "http" in run]
     for mode, run in results["modes"].items():
         if "skipped" in run:
@@ -1000,6 +1024,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--users", help="comma list of concurrent user counts (default 1,4,8; --quick 1,2)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra server setting, e.g. ORT_NUM_THREADS=1 (repeatable)")
+    parser.add_argument("--app", default="_wsgi:app",
+                        help="the WSGI app gunicorn serves (default %(default)s); another module that patches the "
+                             "serving code before importing _wsgi tries a fix without editing it (with --env "
+                             "PYTHONPATH=<its directory>); the in-process numbers stay those of the unpatched code")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -1050,7 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     results: dict[str, Any] = {"machine": machine_info(), "quick": args.quick, "plan": plan.__dict__,
-                               "sizes": args.sizes, "main_size": main_size(args.sizes), "extra_env": args.extra_env,
+                               "sizes": args.sizes, "main_size": main_size(args.sizes), "extra_env": args.extra_env, "app": args.app,
                                "modes": {}}
     say(f"load average {results['machine']['loadavg_start']} on {results['machine']['cpus']} CPUs "
         f"({results['machine']['cpu_model']})")
@@ -1079,7 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
                     masks = local.masks(main, plan.rle_masks)
                 say(f"{mode}: HTTP measurements")
                 http, clicks = http_run(mode, env, plan, images, args.sizes, label_studio, local, args.json.parent,
-                                        say)
+                                        say, args.app)
                 for size, entry in clicks.items():
                     inside["sizes"][size].update(entry)
                 inside["sizes"][main]["bare_fp32_features"] = local.fp32_decode_ms(

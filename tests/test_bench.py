@@ -98,9 +98,10 @@ def test_children_and_memory_of_a_process():
 
 def test_arguments():
     args = bench.parse_args(["--quick", "--modes", "onnx", "--sizes", "640x480,4000x3000", "--env", "ORT_NUM_THREADS=1",
-                             "--cached", "6", "--users", "1,3"])
+                             "--cached", "6", "--users", "1,3", "--app", "patched:app"])
     plan = bench.make_plan(args)
-    assert args.modes == ["onnx"] and args.sizes == ["640x480", "4000x3000"]
+    assert args.modes == ["onnx"] and args.sizes == ["640x480", "4000x3000"] and args.app == "patched:app"
+    assert bench.parse_args([]).app == "_wsgi:app"
     assert args.extra_env == {"ORT_NUM_THREADS": "1"}
     assert plan.cached_images == 6 and plan.rss_checkpoints == (2, 4, 6) and plan.users == (1, 3)
     assert plan.warm_repeats == bench.QUICK.warm_repeats
