@@ -102,6 +102,10 @@ class Plan:
     small_repeats: int = 5  # download, hash and decode of an image, in-process
     rle_masks: int = 3
     sdk_repeats: int = 2
+    # Seconds between a warm HTTP click and the in-process decode of the same prompt, and after it: ONNX
+    # Runtime's intra-op threads spin for ~50 ms after a run (measured), and a decode started meanwhile in
+    # the other process shares the two cores with them.
+    pause: float = 0.1
 
 
 QUICK = Plan(warm_repeats=3, extra_cold={}, prewarm_runs=1, cached_images=4, rss_checkpoints=(2, 4), users=(1, 2),
@@ -520,8 +524,8 @@ def missing_models(mode: str) -> list[str]:
 class LocalPredictor:
     """The mode's predictor in this process, for the parts of a click and of an embedding.
 
-    Bare decoder timings are taken right after each HTTP click of the same prompt, so that both see the same
-    load on a shared machine; the server is idle meanwhile (clicks are sequential).
+    Bare decoder timings are taken shortly after each HTTP click of the same prompt, so that both see the same
+    load on a shared machine; the server is idle meanwhile (clicks are sequential, see Plan.pause).
 
     As in the gunicorn worker, the model is loaded by the main thread and used from another one. This matters
     for torch (libgomp): on a busy machine, decodes run from the main thread of a fresh process took ~1 s
@@ -679,8 +683,8 @@ class TaskIds:
 def http_run(mode: str, env: dict[str, str], plan: Plan, images: ImageSet, sizes: list[str],
              label_studio: FakeLabelStudio, local: LocalPredictor, log_dir: Path,
              say: Callable[[str], None], app: str = "_wsgi:app") -> tuple[dict, dict]:
-    """The HTTP measurements of one mode; also returns the in-process click parts (ms) per size, taken
-    right after each warm HTTP click of the same prompt."""
+    """The HTTP measurements of one mode; also returns the in-process click parts (ms) per size, each taken
+    `plan.pause` seconds after the warm HTTP click of the same prompt."""
     server = Server(env, log_dir / f"bench-server-{mode}.log", app)
     ids = TaskIds()
     out: dict[str, Any] = {"loadavg_before": load(), "cpu_pressure_avg60_before": cpu_pressure()}
@@ -702,6 +706,7 @@ def http_run(mode: str, env: dict[str, str], plan: Plan, images: ImageSet, sizes
         downloads: dict[str, float] = {}
         parts: dict[str, list[dict]] = {}
         server_cpu: dict[str, float] = {}
+        in_app: dict[str, float] = {}
         for size in sizes:
             image = new_image(size)  # index 0: the image the in-process numbers are taken on
             cold[size] = [client.predict(click_body(image, *image.click, ids()))[0]]
@@ -710,17 +715,23 @@ def http_run(mode: str, env: dict[str, str], plan: Plan, images: ImageSet, sizes
                 cold[size].append(client.predict(click_body(extra, *extra.click, ids()))[0])
             before = label_studio.count(image.path)
             warm[size], parts[size] = [], []
-            cpu = server.cpu()
+            cpu, routes = server.cpu(), server.metrics()["routes"]["/predict"]
             for x, y in image.clicks(plan.warm_repeats, seed=hash_seed(size)):
                 warm[size].append(client.predict(click_body(image, x, y, ids()))[0])
+                time.sleep(plan.pause)
                 parts[size].append(local.click(size, x, y))
+                time.sleep(plan.pause)
             server_cpu[size] = round((server.cpu() - cpu) * 1000.0 / plan.warm_repeats, 1)
+            after = server.metrics()["routes"]["/predict"]  # the app's own timing, from before_request on
+            in_app[size] = round((after["seconds_total"] - routes["seconds_total"]) * 1000.0
+                                 / max(1, after["count"] - routes["count"]), 2)
             downloads[size] = (label_studio.count(image.path) - before) / plan.warm_repeats
             say(f"  {size}: cold {summary(cold[size])['p50']} ms, warm p50 {summary(warm[size])['p50']} ms")
         out["cold_ms"] = {size: summary(values) for size, values in cold.items()}
         out["warm_ms"] = {size: summary(values) for size, values in warm.items()}
         out["downloads_per_warm_click"] = downloads
         out["server_cpu_ms_per_warm_click"] = server_cpu
+        out["app_ms_per_warm_click"] = in_app  # mean, from the server's /metrics
 
         main = main_size(sizes)
         prewarmed, opened = [], []
@@ -907,19 +918,24 @@ def report(results: dict) -> str:
                 f"  {http['loadavg_before'][0]} / {fmt(http['cpu_pressure_avg60_before'])}%")
     add("  (GETs: image downloads from Label Studio per warm click)")
     add("")
-    add("Breakdown of a warm click (ms): in-process medians of the same prompts, taken right after each HTTP click;"
-        " other = HTTP - bare - rle - json - fetch - sha256 (HTTP, Flask, body parsing, answer)")
+    add("Breakdown of a warm click (ms). In-process medians of the same prompts, each taken between two HTTP"
+        " clicks: decoder, mask upscaling, rle.encode, JSON of the answer, image download from Label Studio and its"
+        " sha256. app: the server's own mean time per warm click (/metrics, Flask before_request to after_request);"
+        " app rest = app - the parts (parsing, prompts, memory, Flask); outside = HTTP p50 - app (gunicorn, sockets,"
+        " client)")
     add(f"{'mode':<10} {'size':<10} {'decoder':>7} {'upscale':>7} {'rle':>6} {'json':>6} {'fetch':>6} {'sha256':>6}"
-        f" {'HTTP':>7} {'other':>6} {'answer KB':>9}")
+        f" {'app':>6} {'rest':>6} {'HTTP':>6} {'outside':>7} {'answer KB':>9}")
     for mode in modes:
         http, local = results["modes"][mode]["http"], results["modes"][mode]["in_process"]
         for size in results["sizes"]:
             s = local["sizes"][size]
             parts = [s["decoder"]["p50"], s["upscale"]["p50"], s["rle"]["p50"], s["json"]["p50"], s["fetch_ms"],
                      s["sha256_ms"]]
-            other = s["rest"]["p50"] - s["fetch_ms"] - s["sha256_ms"]
+            app = http["app_ms_per_warm_click"][size]
+            warm = http["warm_ms"][size]["p50"]
             add(f"{mode:<10} {size:<10} " + " ".join(f"{fmt(p):>{w}}" for p, w in zip(parts, (7, 7, 6, 6, 6, 6)))
-                + f" {fmt(http['warm_ms'][size]['p50']):>7} {fmt(other):>6} {s['answer_bytes'] / 1024:>9.1f}")
+                + f" {fmt(app):>6} {fmt(app - sum(parts)):>6} {fmt(warm):>6} {fmt(warm - app):>7}"
+                  f" {s['answer_bytes'] / 1024:>9.1f}")
     add("")
     for mode in modes:
         s = results["modes"][mode]["in_process"]["sizes"][main]
