@@ -1,29 +1,32 @@
 #!/usr/bin/env python
 """Latency, memory and RLE numbers of the backend, measured the way users run it (issues #5 and #2).
 
-    .venv/bin/python bench.py                      # full run (~10 min on 2 cores): torch, onnx, onnx-int8
-    .venv/bin/python bench.py --quick --modes torch --sizes 640x480   # seconds-scale smoke run
-    .venv/bin/python bench.py --modes onnx --env ORT_NUM_THREADS=1     # an experiment on the server's settings
+    .venv/bin/python bench.py                      # full run (5-10 min on 2 cores): torch, onnx, onnx-int8
+    .venv/bin/python bench.py --quick --modes torch --sizes 640x480   # smoke run, about a minute
+    .venv/bin/python bench.py --modes onnx --env ORT_NUM_THREADS=1     # the server with other settings
+    .venv/bin/python bench.py --modes onnx --app patched:app --env PYTHONPATH=/tmp/exp   # try a fix first
 
 For every mode the server is started as `make run` starts it (`gunicorn -c gunicorn.conf.py --bind
 127.0.0.1:<free port> _wsgi:app`, WORKERS=1, THREADS=8) against a loopback image server playing Label Studio
 (it serves /data/upload/... only to `Authorization: Token <token>`), and is fed bodies shaped like the ones a real
 Label Studio 1.23 sent (tests/fixtures/ls_1_23_interactive_bodies.json). Measured, per mode:
 
-* in-process, before the server starts (so the two never share the CPU): image download from the loopback
-  Label Studio, sha256 of the bytes, image decode, embedding (preprocessing and encoder), and for the same
-  prompts the HTTP clicks use: the bare `predictor.decode` and its parts (decoder, mask upscaling), `rle.encode`
-  and the JSON encoding of the answer -- the embedding in the form the server caches (float16 by default);
-* over HTTP: the cold first click on a new image, warm one-click latency (median, p95) at each size with the
-  click moved a little each time, the first click on a task "opened" (a context-less /predict) N seconds earlier,
-  warm clicks of 1, 4 and 8 concurrent users on different images (every mask compared with the mask the same
-  request gets alone), and the worker's RSS (/proc/<worker>/status VmRSS) after start-up and with N cached
-  images;
+* in-process, before the server starts: image download from the loopback Label Studio, sha256 of the bytes,
+  image decode, embedding (preprocessing and encoder; after one untimed warm-up run);
+* over HTTP: the cold first click on a new image; warm one-click latency (median, p95) at each size with the
+  click moved a little each time, the worker's CPU time per warm click (/proc/<worker>/stat) and the app's own
+  time per click (the server's /metrics); the first click on a task "opened" (a context-less /predict) N
+  seconds earlier; warm clicks of 1, 4 and 8 concurrent users on different images (every mask compared with
+  the mask the same request gets alone); the worker's RSS (/proc/<worker>/status VmRSS) after start-up and
+  with N cached images;
+* in-process, between two warm HTTP clicks (the server idle), for the same prompt: the bare
+  `predictor.decode` and its parts (decoder, mask upscaling), `rle.encode` and the JSON encoding of the
+  answer, on the embedding in the form the server caches (float16 by default);
 * once: `rle.encode` against `label_studio_sdk.converter.brush.mask2rle` on real SAM masks.
 
 Prints a table with the targets of issue #5 next to the numbers and writes everything, raw samples included, to
-artifacts/bench.json (--json). The machine is shared in CI and on laptops: the load average is recorded before
-and after each mode, and numbers taken under load are noisy.
+artifacts/bench.json (--json), the server logs next to it. The machine is shared in CI and on laptops: the load
+average and Linux's CPU pressure are recorded before and after each mode; numbers taken under load are noisy.
 """
 from __future__ import annotations
 
@@ -546,6 +549,7 @@ class LocalPredictor:
         self.images: dict[str, BenchImage] = {}
         self.pixels: dict[str, np.ndarray] = {}
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="local-predictor")
+        self._warmed_up = False
 
     def _in_thread(self, function: Callable, *args):
         return self._thread.submit(function, *args).result()
@@ -575,6 +579,9 @@ class LocalPredictor:
         sha_ms, _ = median_ms(lambda: hashlib.sha256(data).hexdigest(), repeats)
         decode_ms, pixels = median_ms(lambda: ImageLoader.decode(data, self.settings.max_image_pixels), repeats)
         preprocess_ms, _ = median_ms(lambda: sam_transforms.preprocess_image(pixels), embed_repeats)
+        if not self._warmed_up:  # the first runs of an encoder are slower (torch: the first few, up to 3x)
+            self.predictor.embed(pixels)
+            self._warmed_up = True
         embed_times = []
         for _ in range(max(1, embed_repeats)):
             elapsed, embedding = timed(lambda: self.predictor.embed(pixels))
