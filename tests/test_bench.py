@@ -96,6 +96,38 @@ def test_children_and_memory_of_a_process():
         parent.wait()
 
 
+def test_a_reset_connection_is_retried_once_on_a_new_one():
+    import socket
+    import struct
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    body = b'{"results": []}'
+
+    def serve():
+        first, _ = listener.accept()
+        first.recv(65536)
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        first.close()  # RST, like a keep-alive connection the server dropped
+        second, _ = listener.accept()
+        second.recv(65536)
+        second.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        second.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = bench.Client(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    before = bench.Client.retries
+    try:
+        elapsed, answer = client.predict({"tasks": []})
+    finally:
+        client.close()
+        listener.close()
+    assert answer == {"results": []} and elapsed > 0
+    assert bench.Client.retries == before + 1
+
+
 def test_arguments():
     args = bench.parse_args(["--quick", "--modes", "onnx", "--sizes", "640x480,4000x3000", "--env", "ORT_NUM_THREADS=1",
                              "--cached", "6", "--users", "1,3", "--app", "patched:app"])
@@ -140,7 +172,7 @@ def test_quick_run_end_to_end(tmp_path, mobile_sam_checkpoint):
         assert http["downloads_per_warm_click"]["640x480"] > 0
         assert set(http["concurrent_ms"]) == {"1", "2"}
         assert all(c["masks_equal_alone"] and c["n"] >= 1 for c in http["concurrent_ms"].values())
-        assert http["concurrent_embeddings_computed"] == 0
+        assert http["concurrent_embeddings_computed"] == 0 and http["connection_retries"] >= 0
         assert http["rss_startup_mb"]["VmRSS"] > 0
         assert http["rss_cached_mb"]["4"]["cached_images"] >= 4
         sizes = local["sizes"]["640x480"]
