@@ -585,10 +585,11 @@ class LocalPredictor:
         """Download, hash, decode and embed `image` (kept for `click`); their medians in ms."""
         return self._in_thread(self._prepare, size, image, repeats, embed_repeats)
 
-    def click(self, size: str, x: float, y: float) -> dict[str, float]:
+    def click(self, size: str, x: float, y: float, pause: float = 0.0) -> dict[str, float]:
         """Milliseconds of one click's parts: bare predictor.decode, and separately its decoder and mask
-        upscaling, then rle.encode and the JSON encoding of an answer like the server's."""
-        return self._in_thread(self._click, size, x, y)
+        upscaling, then rle.encode and the JSON encoding of an answer like the server's; and, when the cache
+        holds float16, the bare decode of the same values as float32, `pause` seconds later."""
+        return self._in_thread(self._click, size, x, y, pause)
 
     def masks(self, size: str, count: int) -> list[np.ndarray]:
         """Real masks for the RLE comparison: the object and some background clicks."""
@@ -628,7 +629,7 @@ class LocalPredictor:
         return Prompt(np.array([[x * image.width / 100, y * image.height / 100]], np.float32),
                       np.array([1], np.int32))
 
-    def _click(self, size: str, x: float, y: float) -> dict[str, float]:
+    def _click(self, size: str, x: float, y: float, pause: float) -> dict[str, float]:
         import rle
         import sam_transforms
 
@@ -651,6 +652,8 @@ class LocalPredictor:
         parts = {"bare": bare, "bare_cpu": bare_cpu, "decoder": decoder, "upscale": upscale, "rle": encode,
                  "json": to_json, "answer_bytes": len(text)}
         if size in self.as_float32:
+            # after a pause too: the first decode after an idle spell is the slower one (torch: ~20 ms slower)
+            time.sleep(pause)
             parts["bare_fp32_features"] = timed(lambda: self.predictor.decode(self.as_float32[size], prompt))[0]
         return parts
 
@@ -751,7 +754,7 @@ def http_run(mode: str, env: dict[str, str], plan: Plan, images: ImageSet, sizes
             for x, y in image.clicks(plan.warm_repeats, seed=hash_seed(size)):
                 warm[size].append(client.predict(click_body(image, x, y, ids()))[0])
                 time.sleep(plan.pause)
-                parts[size].append(local.click(size, x, y))
+                parts[size].append(local.click(size, x, y, plan.pause))
                 time.sleep(plan.pause)
             server_cpu[size] = round((server.cpu() - cpu) * 1000.0 / plan.warm_repeats, 1)
             after = server.metrics()["routes"]["/predict"]  # the app's own timing, from before_request on
@@ -954,29 +957,31 @@ def report(results: dict) -> str:
     add("  (GETs: image downloads from Label Studio per warm click)")
     add("")
     add("Breakdown of a warm click (ms). In-process medians of the same prompts, each taken between two HTTP"
-        " clicks: decoder, mask upscaling, rle.encode, JSON of the answer, image download from Label Studio and its"
-        " sha256. app: the server's own mean time per warm click (/metrics, Flask before_request to after_request);"
-        " app rest = app - the parts (parsing, prompts, memory, Flask); outside = HTTP p50 - app (gunicorn, sockets,"
-        " client)")
-    add(f"{'mode':<10} {'size':<10} {'decoder':>7} {'upscale':>7} {'rle':>6} {'json':>6} {'fetch':>6} {'sha256':>6}"
-        f" {'app':>6} {'rest':>6} {'HTTP':>6} {'outside':>7} {'answer KB':>9}")
+        " clicks: bare decode (the first after a pause, as the server's), of which decoder and mask upscaling"
+        " (each run right after another decode), rle.encode, JSON of the answer, image download from Label Studio"
+        " and its sha256. app: the server's own mean time per warm click (/metrics, Flask before_request to"
+        " after_request); rest = app - bare - rle - json - fetch - sha256 (parsing, prompts, memory, Flask);"
+        " outside = HTTP p50 - app (gunicorn, sockets, client)")
+    add(f"{'mode':<10} {'size':<10} {'bare':>6} {'decoder':>7} {'upscale':>7} {'rle':>5} {'json':>5} {'fetch':>5}"
+        f" {'sha256':>6} {'app':>6} {'rest':>5} {'HTTP':>6} {'outside':>7} {'answer KB':>9}")
     for mode in modes:
         http, local = results["modes"][mode]["http"], results["modes"][mode]["in_process"]
         for size in results["sizes"]:
             s = local["sizes"][size]
-            parts = [s["decoder"]["p50"], s["upscale"]["p50"], s["rle"]["p50"], s["json"]["p50"], s["fetch_ms"],
-                     s["sha256_ms"]]
+            parts = [s["bare"]["p50"], s["decoder"]["p50"], s["upscale"]["p50"], s["rle"]["p50"], s["json"]["p50"],
+                     s["fetch_ms"], s["sha256_ms"]]
+            spent = parts[0] + sum(parts[3:])
             app = http["app_ms_per_warm_click"][size]
             warm = http["warm_ms"][size]["p50"]
-            add(f"{mode:<10} {size:<10} " + " ".join(f"{fmt(p):>{w}}" for p, w in zip(parts, (7, 7, 6, 6, 6, 6)))
-                + f" {fmt(app):>6} {fmt(app - sum(parts)):>6} {fmt(warm):>6} {fmt(warm - app):>7}"
+            add(f"{mode:<10} {size:<10} " + " ".join(f"{fmt(p):>{w}}" for p, w in zip(parts, (6, 7, 7, 5, 5, 5, 6)))
+                + f" {fmt(app):>6} {fmt(app - spent):>5} {fmt(warm):>6} {fmt(warm - app):>7}"
                   f" {s['answer_bytes'] / 1024:>9.1f}")
     add("")
     for mode in modes:
         s = results["modes"][mode]["in_process"]["sizes"][main]
         if "bare_fp32_features" in s:
             add(f"{mode}: bare decode {main} from the cached float16 features p50 {fmt(s['bare']['p50'])} ms,"
-                f" from the same values as float32 {fmt(s['bare_fp32_features']['p50'])} ms (interleaved)")
+                f" from the same values as float32 {fmt(s['bare_fp32_features']['p50'])} ms (each after a pause)")
     add("")
     add("Cold first click on a new image over HTTP (ms) and its parts in-process (ms)")
     add(f"{'mode':<10} {'size':<10} {'n':>3} {'cold p50':>8} {'max':>7} {'fetch':>6} {'decode':>6} {'embed':>7}"
