@@ -13,9 +13,10 @@ export LS_VENV
 run: install weights
 	$(BIN)/gunicorn -c gunicorn.conf.py --bind $(HOST):$(PORT) _wsgi:app
 
-## test: install the serving and test dependencies and Label Studio (own venv), then run every test
+## test: install the serving and test dependencies, Label Studio (own venv) and Chromium, then run every test
 test: install-dev weights
 	scripts/install_label_studio.sh
+	scripts/install_browser.sh
 	$(BIN)/python -m pytest
 
 $(BIN)/python:
