@@ -827,11 +827,25 @@ def redact_url(url: str) -> str:
     query = []
     for item in parts.query.split("&") if parts.query else []:
         key, sep, value = item.partition("=")
-        query.append(item if key.lower() in SAFE_QUERY_KEYS or not sep else f"{key}=***")
+        if key.lower() == "fileuri" and sep:
+            # Label Studio's presign parameter is the urlsafe base64 of the whole cloud URI, whose own query or
+            # userinfo may hold a signature: show the URI it names, redacted, instead of its encoding.
+            query.append(f"{key}={_redacted_fileuri(value)}")
+        else:
+            query.append(item if key.lower() in SAFE_QUERY_KEYS or not sep else f"{key}=***")
     shown = (f"{parts.scheme}:" if parts.scheme else "") + (f"//{netloc}" if netloc or parts.scheme else "")
     shown += parts.path + (("?" + "&".join(query)) if query else "")
     shown = re.sub(r"[\x00-\x1f\x7f]", "?", shown)
     return shown if len(shown) <= 200 else shown[:197] + "..."
+
+
+def _redacted_fileuri(value: str) -> str:
+    """A presign `fileuri=` value (urlsafe base64 of a cloud URI) as the redacted URI it encodes."""
+    try:
+        uri = base64.urlsafe_b64decode(unquote(value) + "=" * (-len(value) % 4)).decode()
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        return "***"
+    return redact_url(uri) if "://" in uri else "***"
 
 
 # ---- connections that check their peer ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import outputs
 import prompts
 import rle
 from embedding_cache import EmbeddingCache
-from images import ImageLoader, LabelStudioAccess
+from images import ImageError, ImageLoader, LabelStudioAccess, redact_url
 from predictor import Embedding, Predictor
 from settings import Settings
 
@@ -74,15 +74,19 @@ class SamModel:
         if not isinstance(schema, str) or not schema.strip():
             raise RequestError("body.label_config must be the project's labeling config (XML)")
         config = label_config.parse(schema)
-        params = body.get("params") or {}
+        params = body.get("params")
+        if params is None:
+            params = {}
         if not isinstance(params, Mapping):
-            raise RequestError("body.params must be an object")
+            raise RequestError("body.params must be an object or null")
         regions = prompts.parse_context(params.get("context"), config)
         project = body.get("project")
+        if isinstance(project, bool) or not isinstance(project, (str, int, type(None))):
+            raise RequestError("body.project must be the project's id (a string or integer) or null")
         fallback = self._projects.get(project) if isinstance(project, str) else None
+        tasks = [_task(task, index) for index, task in enumerate(tasks)]  # all checked before any work
         results = []
         for index, task in enumerate(tasks):
-            task = _object(task, f"body.tasks[{index}]")
             if regions:
                 results.append(self._interactive(task, index, config, regions, project, fallback))
             else:
@@ -94,14 +98,16 @@ class SamModel:
                      regions: list[prompts.Region], project: Any, fallback: LabelStudioAccess | None) -> dict:
         image_name = config.prompt_tags[regions[0].group[0]].to_name
         url = _image_url(task, index, config, image_name)
-        embedding = self._embedding(url, task, fallback)
+        embedding = self._embedding(url, task, fallback, _image_field(index, config, image_name))
         _check_sizes(regions, embedding.original_size, url)
         task_key = (project, task.get("id"), url)
         remembered = self.memory.exchange(task_key, regions)
         everything = prompts.combine(regions, remembered, prompts.draft_regions(task, config))
+        call_ids = {r.id for r in regions}
         results = []
         for target in dict.fromkeys(r.target_key for r in regions):
-            of_target = [r for r in everything if r.target_key == target]
+            of_target = prompts.drop_finished([r for r in everything if r.target_key == target], call_ids,
+                                              embedding.original_size)
             prompt = prompts.build_prompt(of_target, embedding.original_size, self.settings.max_points)
             if prompt is None:
                 continue
@@ -120,11 +126,19 @@ class SamModel:
                                                self.settings)
         return self._task_result(results)
 
-    def _embedding(self, url: str, task: Mapping, fallback: LabelStudioAccess | None) -> Embedding:
+    def _embedding(self, url: str, task: Mapping, fallback: LabelStudioAccess | None, where: str) -> Embedding:
+        """The embedding of the task's image. `where` names the task field holding `url`, for decode errors."""
         data = self.images.fetch(url, fallback, task_id=_task_id(task))
         key = (self.model_version, hashlib.sha256(data).hexdigest())
-        max_pixels = self.settings.max_image_pixels
-        return self.cache.get_or_compute(key, lambda: self.predictor.embed(ImageLoader.decode(data, max_pixels)))
+
+        def compute() -> Embedding:
+            try:
+                image = ImageLoader.decode(data, self.settings.max_image_pixels)
+            except ImageError as error:
+                raise ImageError(error.status, f"{where} ({redact_url(url)}): {error.message}") from None
+            return self.predictor.embed(image)
+
+        return self.cache.get_or_compute(key, compute)
 
     def _prewarm(self, task: Mapping, index: int, config: label_config.ProjectConfig,
                  fallback: LabelStudioAccess | None) -> None:
@@ -134,7 +148,8 @@ class SamModel:
             url = _image_url(task, index, config, image_name)
         except RequestError:
             return
-        self.cache.prewarm(url, lambda: self._embedding(url, task, fallback))
+        where = _image_field(index, config, image_name)
+        self.cache.prewarm(url, lambda: self._embedding(url, task, fallback, where))
 
     def _brush_result(self, mask: np.ndarray, score: float, region: prompts.Region, image_name: str) -> dict:
         height, width = mask.shape
@@ -162,9 +177,21 @@ def _object(value: Any, where: str) -> Mapping:
     return value
 
 
+def _task(task: Any, index: int) -> Mapping:
+    task = _object(task, f"body.tasks[{index}]")
+    task_id = task.get("id")
+    if isinstance(task_id, bool) or not isinstance(task_id, (int, str, type(None))):
+        raise RequestError(f"body.tasks[{index}].id must be the task's id (an integer) or null")
+    return task
+
+
 def _task_id(task: Mapping) -> int | None:
     task_id = task.get("id")
     return task_id if isinstance(task_id, int) and not isinstance(task_id, bool) else None
+
+
+def _image_field(index: int, config: label_config.ProjectConfig, image_name: str) -> str:
+    return f"body.tasks[{index}].data.{config.image_tags[image_name]}"
 
 
 def _image_url(task: Mapping, index: int, config: label_config.ProjectConfig, image_name: str) -> str:
@@ -186,8 +213,4 @@ def _check_sizes(regions: list[prompts.Region], size: tuple[int, int], url: str)
         if abs(their_width - width) > 1 or abs(their_height - height) > 1:
             raise prompts.ContextError(
                 f"region {region.id} was drawn on a {their_width}x{their_height} image, but the task's image "
-                f"{_redacted(url)} is {width}x{height}")
-
-
-def _redacted(url: str) -> str:
-    return url.split("?", 1)[0]
+                f"{redact_url(url)} is {width}x{height}")

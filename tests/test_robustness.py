@@ -9,8 +9,6 @@
 * Many threads on several images, classes and both label conventions get the single-threaded answers.
 * A missing or corrupt model file, or a bad setting, stops `gunicorn _wsgi:app` with a clear message.
 
-Cases that fail only because of a known defect outside the files this suite may change are marked with the
-defect (`known=`): while the defect is there the case is an xfail naming it; once fixed, the case simply passes.
 """
 from __future__ import annotations
 
@@ -47,24 +45,6 @@ CHELSEA = skimage.data.chelsea()  # 300 x 451, the image of the recordings
 IMAGE = "/data/upload/7/chelsea.jpg"
 MISSING = "/data/upload/7/missing.jpg"
 NOT_AN_IMAGE = "/data/upload/7/notes.jpg"
-
-# Known defects in files this suite does not own; each names the fix. See the module docstring.
-MODEL_TASK_KEY = ("model.py builds the prompt memory's key from body.project and tasks[i].id unchecked: an "
-                  "unhashable one (list, object) is a TypeError -> 500. Check them (project: string or null, id: "
-                  "integer or null) and answer 400 naming the field.")
-MODEL_FALSY_PARAMS = ("model.py reads `body.get('params') or {}`: a falsy non-object params (0, '', [], false) is "
-                      "taken as 'no params' instead of a 400 naming body.params.")
-MODEL_SIZE_URL = ("model.py's _check_sizes redacts the task's image URL with its own _redacted (drops only the "
-                  "query): userinfo (user:password@) and #fragments reach the 400 body. Use images.redact_url.")
-MODEL_DECODE_WHERE = ("model.py's _embedding lets ImageLoader.decode's errors (415 not an image, 413 too many "
-                      "pixels, 422 corrupt) through without saying which image: prefix them with "
-                      "body.tasks[i].data.<key> and the redacted URL, as the fetch errors are.")
-IMAGES_FILEURI = ("images.redact_url keeps the presign URL's fileuri= value (it is on SAFE_QUERY_KEYS), which is the "
-                  "urlsafe base64 of the whole cloud URI: a query or userinfo in that URI reaches messages, only "
-                  "base64-encoded. Show the redacted cloud URI instead of its base64.")
-CORRUPT_HINT = ("advanced_sam.build_sam: the corrupt-checkpoint message lacks the `python weights.py <name>` "
-                "hint that the missing-file message has (and repeats torch's weights_only advice instead).")
-
 
 def recorded(name: str, path: str = "/predict") -> dict:
     call = next(c for c in FIXTURES["calls"] if c["name"] == name and c["path"] == path)
@@ -152,7 +132,6 @@ class Case:
     body: Callable[[], Any]
     status: int
     message: str
-    known: str | None = None  # a known defect elsewhere that makes this case fail today
 
 
 def deep(depth: int) -> Raw:
@@ -205,9 +184,9 @@ BAD: list[Case] = [
     Case("second task null", lambda: edit(click_body(), lambda b: b["tasks"].append(None)), 400,
          "body.tasks[1] must be a JSON object"),
     Case("task id a list", lambda: edit(click_body(), lambda b: b["tasks"][0].update(id=[1])), 400,
-         "body.tasks[0].id", known=MODEL_TASK_KEY),
+         "body.tasks[0].id"),
     Case("task id an object", lambda: edit(click_body(), lambda b: b["tasks"][0].update(id={"n": 1})), 400,
-         "body.tasks[0].id", known=MODEL_TASK_KEY),
+         "body.tasks[0].id"),
     # task data
     Case("data missing", lambda: edit(click_body(), lambda b: b["tasks"][0].pop("data")), 400,
          "body.tasks[0].data.image"),
@@ -222,7 +201,7 @@ BAD: list[Case] = [
     Case("data.image not found", lambda: edit(click_body(), lambda b: b["tasks"][0]["data"].update(image=MISSING)),
          404, "/data/upload/7/missing.jpg"),
     Case("data.image not an image", lambda: edit(click_body(), lambda b: b["tasks"][0]["data"].update(
-        image=NOT_AN_IMAGE)), 415, "notes.jpg", known=MODEL_DECODE_WHERE),
+        image=NOT_AN_IMAGE)), 415, "notes.jpg"),
     Case("data.image a data: URI", lambda: edit(click_body(), lambda b: b["tasks"][0]["data"].update(
         image="data:image/png;base64,iVBORw0KGgo=")), 400, "data: URIs"),
     Case("data.image a relative path off Label Studio", lambda: edit(
@@ -243,12 +222,10 @@ BAD: list[Case] = [
     Case("params a list", lambda: edit(click_body(), lambda b: b.update(params=[{"context": None}])), 400,
          "body.params"),
     Case("params a string", lambda: edit(click_body(), lambda b: b.update(params="context")), 400, "body.params"),
-    Case("params zero", lambda: edit(click_body(), lambda b: b.update(params=0)), 400, "body.params",
-         known=MODEL_FALSY_PARAMS),
-    Case("params an empty list", lambda: edit(click_body(), lambda b: b.update(params=[])), 400, "body.params",
-         known=MODEL_FALSY_PARAMS),
+    Case("params zero", lambda: edit(click_body(), lambda b: b.update(params=0)), 400, "body.params"),
+    Case("params an empty list", lambda: edit(click_body(), lambda b: b.update(params=[])), 400, "body.params"),
     Case("project an object", lambda: edit(click_body(), lambda b: b.update(project={"id": 2})), 400,
-         "body.project", known=MODEL_TASK_KEY),
+         "body.project"),
     # context
     Case("context a list", lambda: edit(click_body(), lambda b: b["params"].update(context=[1])), 400,
          "params.context"),
@@ -362,12 +339,7 @@ BAD: list[Case] = [
 def test_client_fault_gets_a_clear_4xx_and_the_server_keeps_serving(live_backend, images, case):
     answer = send(live_backend.url, case.body())
     assert_healthy(live_backend.url)
-    try:
-        assert_json_error(answer, case.status, case.message)
-    except AssertionError:
-        if case.known:
-            pytest.xfail(case.known)
-        raise
+    assert_json_error(answer, case.status, case.message)
 
 
 def test_max_points_follows_the_setting(base_settings, torch_predictor, images):
@@ -816,9 +788,9 @@ def test_a_cloud_uri_with_a_query_does_not_leak_it(live_backend, images):
     answer = send(live_backend.url, body)
     assert answer.status_code == 404, answer.text
     assert "SECRETs3sig0008" not in answer.text
+    assert "s3://bucket/cat.jpg" in answer.text, "the message should name the cloud URI (redacted)"
     for encoded in re.findall(r"fileuri=([A-Za-z0-9_=-]+)", answer.text):
-        if b"SECRETs3sig0008" in base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)):
-            pytest.xfail(IMAGES_FILEURI)
+        assert b"SECRETs3sig0008" not in base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
 
 
 def test_an_image_size_mismatch_does_not_leak_url_credentials(live_backend, images, fake_label_studio):
@@ -829,8 +801,7 @@ def test_an_image_size_mismatch_does_not_leak_url_credentials(live_backend, imag
         region(body)["original_width"] = 1000
         answer = send(live_backend.url, body)
         assert answer.status_code == 400 and "1000x300" in answer.json()["error"], answer.text
-        if "SECRET" in answer.text:
-            pytest.xfail(MODEL_SIZE_URL)
+        assert "SECRET" not in answer.text
 
 
 # ---- concurrency -------------------------------------------------------------------------------------------------
@@ -977,10 +948,8 @@ def test_a_missing_or_corrupt_model_stops_the_server_with_a_clear_message(tmp_pa
     assert code is not None, f"gunicorn kept running for {seconds:.0f} s with a {kind} checkpoint"
     assert code != 0
     assert str(checkpoint) in stderr, stderr[-3000:]
-    if "python weights.py mobile_sam" not in stderr:
-        if kind == "missing":
-            pytest.fail(f"no `python weights.py mobile_sam` hint:\n{stderr[-3000:]}")
-        pytest.xfail(CORRUPT_HINT)
+    assert "python weights.py mobile_sam" in stderr, f"no `python weights.py mobile_sam` hint:\n{stderr[-3000:]}"
+    assert "weights_only" not in stderr, "torch's advice to load without weights_only reached the message"
 
 
 @pytest.mark.parametrize("variable,value,message", [
