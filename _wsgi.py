@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from predictor import ModelError
 from server import create_app
 from settings import from_environment, with_options
 
@@ -38,13 +39,26 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace
 
         settings = replace(settings, log_level=args.log_level)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ModelError as error:
+        parser.exit(1, f"cannot start the backend: {error}\n")
     logging.getLogger(__name__).info("listening on http://%s:%d", args.host, args.port)
     app.run(host=args.host, port=args.port, threaded=True, use_reloader=False)
     return 0
 
 
+def _app_or_exit():
+    """The app for gunicorn; a bad setting or model file ends the process with its message and no traceback."""
+    try:
+        return create_app()
+    except (ValueError, ModelError) as error:
+        logging.getLogger("_wsgi").critical("cannot start the backend: %s", error)
+        # Gunicorn's code for "App failed to load": it stops the whole server instead of respawning workers.
+        raise SystemExit(4) from None
+
+
 if __name__ == "__main__":
     sys.exit(main())
 else:
-    app = create_app()
+    app = _app_or_exit()

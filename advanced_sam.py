@@ -7,14 +7,13 @@ the features and `decode` takes them back.
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import sam_transforms
-from predictor import Embedding, Prediction, Prompt
+from predictor import Embedding, ModelError, Prediction, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,7 @@ MODEL_TYPES = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ModelError):
     """The checkpoint is missing or is not a checkpoint of the requested model."""
 
 
@@ -58,15 +57,20 @@ def build_sam(model_type: str, checkpoint: Path | None, device: torch.device) ->
     model = sam_model_registry[key](checkpoint=None)
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
+        fetch = f"fetch it with `python weights.py {'mobile_sam' if model_type == 'vit_t' else model_type}`"
         if not checkpoint.is_file():
-            raise CheckpointError(f"checkpoint {checkpoint} does not exist; fetch it with `python weights.py "
-                                  f"{'mobile_sam' if model_type == 'vit_t' else model_type}`")
+            raise CheckpointError(f"checkpoint {checkpoint} does not exist; {fetch}")
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
-            raise CheckpointError(f"{checkpoint} is not a valid {model_type} checkpoint: "
-                                  f"{str(error).splitlines()[0]}") from error
+        except Exception as error:  # noqa: BLE001 - a damaged file makes torch.load raise nearly any type
+            # torch's own errors (a cut-off zip archive, a wrong state dict) say what broke in their first line;
+            # its unpickling errors advise weights_only=False, no advice for a damaged download (and it would
+            # run the file's code), and stray bytes raise anything (KeyError, IndexError, UnicodeDecodeError).
+            own = isinstance(error, (RuntimeError, OSError, EOFError)) and str(error)
+            reason = str(error).splitlines()[0] if own else "its contents are not a PyTorch state dict"
+            raise CheckpointError(f"{checkpoint} is not a valid {model_type} checkpoint ({reason}); it may be "
+                                  f"cut off or damaged: {fetch} again") from error
     model.eval()
     return model.to(device)
 

@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 import sam_transforms
-from predictor import Embedding, Prediction, Prompt
+from predictor import Embedding, ModelError, Prediction, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ CHECKPOINTS = {"vit_t": "models/mobile_sam.pt", "vit_b": "models/sam_vit_b_01ec6
                "vit_l": "models/sam_vit_l_0b3195.pth", "vit_h": "models/sam_vit_h_4b8939.pth"}
 
 
-class OnnxModelError(RuntimeError):
+class OnnxModelError(ModelError):
     """An ONNX model file is missing, unreadable, or not the model this predictor expects."""
 
 
