@@ -9,7 +9,8 @@ assembled from three places:
 2. what this server saw in earlier calls for the same task and class (`PromptMemory`, bounded and expiring);
 3. the task's autosaved draft, which holds every region but is usually one action behind.
 
-All positive and negative keypoints of the class go into the prompt, with the newest rectangle.
+All positive and negative keypoints of the class go into the prompt, with the newest rectangle, except older
+regions that contradict the call's (`drop_finished`): those belong to an object the user has accepted.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Collection, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -268,6 +269,43 @@ def combine(call: Sequence[Region], remembered: Iterable[Region], drafted: Itera
         ordered.pop(region.id, None)
         ordered[region.id] = region
     return list(ordered.values())
+
+
+def drop_finished(regions: Sequence[Region], call_ids: Collection[str], image_size: tuple[int, int]) -> list[Region]:
+    """Regions of ONE target (newest last) without those of an object the user has finished. image_size: (H, W).
+
+    Accepting a suggestion in the editor deletes the smart keypoints and rectangles, but nothing tells the
+    backend (the autosaved draft is usually empty or behind): the regions it remembers may belong to an object
+    already accepted. One object's prompt is consistent, its box enclosing its positive clicks; so when the
+    call's own regions (`call_ids`) and the older ones disagree, the older ones are the finished object's:
+    - a box in the call enclosing none of the older positive clicks drops the older keypoints;
+    - positive clicks in the call none of which lies in the older (newest) box drop the older rectangles.
+    """
+    own = [r for r in regions if r.id in call_ids]
+    older = [r for r in regions if r.id not in call_ids]
+    rectangles = [r for r in regions if r.type == "rectanglelabels"]
+    if not own or not older or not rectangles:
+        return list(regions)
+    box = rectangles[-1]
+    box_is_new = box.id in call_ids
+    clicks = [r for r in (older if box_is_new else own) if r.type == "keypointlabels" and r.positive]
+    if not clicks or any(_encloses(box, click, image_size) for click in clicks):
+        return list(regions)
+    stale = "keypointlabels" if box_is_new else "rectanglelabels"
+    return [r for r in regions if r.id in call_ids or r.type != stale]
+
+
+def _encloses(rectangle: Region, point: Region, image_size: tuple[int, int], margin: float = 0.01) -> bool:
+    """Whether `point` lies in `rectangle` (rotated about its top-left corner in pixels, as Label Studio draws
+    it), give or take `margin` of the image's longer side. image_size: (H, W)."""
+    height, width = image_size
+    angle = math.radians(rectangle.rotation)
+    dx, dy = (point.x - rectangle.x) * width / 100, (point.y - rectangle.y) * height / 100
+    u = dx * math.cos(angle) + dy * math.sin(angle)  # into the rectangle's own axes
+    v = -dx * math.sin(angle) + dy * math.cos(angle)
+    slack = margin * max(width, height)
+    return (-slack <= u <= rectangle.width * width / 100 + slack
+            and -slack <= v <= rectangle.height * height / 100 + slack)
 
 
 def build_prompt(regions: Sequence[Region], image_size: tuple[int, int], max_points: int = 256) -> Prompt | None:

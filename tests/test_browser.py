@@ -670,8 +670,6 @@ def test_smart_tools_show_our_mask(convention, label_studio, backend, proxy, bro
 PART_BOX_CORNERS = ((50.0, 5.0), (85.0, 60.0))  # the upper right quarter of the head: right ear and eye
 
 
-@pytest.mark.xfail(strict=False, reason="backend: after a suggestion is accepted the editor deletes the smart "
-                   "keypoints, but the backend still mixes the remembered clicks into the next box's prompt")
 def test_a_box_after_accepting_ignores_the_accepted_clicks(label_studio, backend, proxy, browser, image_path,
                                                            reference, artifacts):
     """Click, accept, then a box elsewhere: the clicks are gone from the editor, so the box alone should count.
@@ -710,11 +708,16 @@ def test_a_box_after_accepting_ignores_the_accepted_clicks(label_studio, backend
     inside = np.zeros_like(mask)
     inside[max(int(value["y"] * H / 100) - 1, 0):int((value["y"] + value["height"]) * H / 100) + 2,
            max(int(value["x"] * W / 100) - 1, 0):int((value["x"] + value["width"]) * W / 100) + 2] = True
+    box = (value["x"], value["y"], value["width"], value["height"])
+    box_only = reference({"points": [], "box": box})
+    with_click = reference({"points": [(*CLICK, True)], "box": box})
+    assert iou(box_only, with_click) < 0.8, "test data: the stale click should change the box's mask"
+    # SAM's mask for a box alone may spill a little (here the ear tip above it): compare with that, not the box.
     outside = (mask & ~inside).sum() / max(mask.sum(), 1)
-    box_only = reference({"points": [], "box": (value["x"], value["y"], value["width"], value["height"])})
-    assert outside < 0.05 and iou(mask, box_only) >= 0.8, \
-        f"{outside:.0%} of the box's mask lies outside the box (IoU {iou(mask, box_only):.3f} with the box alone, " \
-        f"clicked point inside the mask: {bool(mask[_pixel(*CLICK)])}); request context {request['context']}"
+    assert iou(mask, box_only) >= 0.9 and not mask[_pixel(*CLICK)], \
+        f"IoU {iou(mask, box_only):.3f} with the box alone, {iou(mask, with_click):.3f} with the box and the " \
+        f"accepted click ({outside:.0%} of the mask outside the box, clicked point inside the mask: " \
+        f"{bool(mask[_pixel(*CLICK)])}); request context {request['context']}"
 
 
 def _wait_api(label_studio: LabelStudio, task_id: int, key: str) -> dict:

@@ -166,6 +166,63 @@ def test_rectangle_remembered_from_an_earlier_call(live_backend, torch_predictor
     assert iou(decoded(region), expected(torch_predictor, chelsea_embedding, points, [1, 0], box)) >= 0.99
 
 
+def _click(body: dict, x: float, y: float, region_id: str) -> dict:
+    """`body` (a recorded keypoint call) with one positive click at (x, y) percent."""
+    (first, *_) = body["params"]["context"]["result"]
+    click = copy.deepcopy(first)
+    click.update(id=region_id, is_positive=True)
+    click["value"].update(x=x, y=y)
+    body["params"]["context"]["result"] = [click]
+    return body
+
+
+def _rectangle(body: dict, x: float, y: float, width: float, height: float, region_id: str) -> dict:
+    (rect,) = body["params"]["context"]["result"]
+    rect["id"] = region_id
+    rect["value"].update(x=x, y=y, width=width, height=height, rotation=0)
+    return body
+
+
+def test_a_box_away_from_the_remembered_clicks_starts_a_new_object(live_backend, torch_predictor,
+                                                                    chelsea_embedding, chelsea_path):
+    """Click, accept (the editor deletes the clicks and tells the backend nothing), then a box elsewhere: the box
+    encloses none of the remembered positive clicks, so they belong to the accepted object and are left out."""
+    click = _click(with_image(recorded("keypoints_positive_and_negative"), chelsea_path, task_id=111), 30, 40, "k1")
+    assert post(live_backend, click).status_code == 200
+    box = _rectangle(with_image(recorded("rectangle"), chelsea_path, task_id=111), 88, 5, 11, 40, "r1")
+    box["project"] = click["project"]
+    (region,) = post(live_backend, box).json()["results"][0]["result"]
+    alone = expected(torch_predictor, chelsea_embedding, box=box_of(box["params"]["context"]["result"][0]["value"]))
+    mixed = expected(torch_predictor, chelsea_embedding, [px(30, 40)], [1],
+                     box_of(box["params"]["context"]["result"][0]["value"]))
+    assert iou(alone, mixed) < 0.9, "test data: the stale click should change the mask"
+    assert iou(decoded(region), alone) >= 0.99
+
+
+def test_a_click_away_from_the_remembered_box_starts_a_new_object(live_backend, torch_predictor,
+                                                                   chelsea_embedding, chelsea_path):
+    box = _rectangle(with_image(recorded("rectangle"), chelsea_path, task_id=112), 88, 5, 11, 40, "r2")
+    assert post(live_backend, box).status_code == 200
+    click = _click(with_image(recorded("keypoints_positive_and_negative"), chelsea_path, task_id=112), 30, 40, "k2")
+    click["project"] = box["project"]
+    (region,) = post(live_backend, click).json()["results"][0]["result"]
+    alone = expected(torch_predictor, chelsea_embedding, [px(30, 40)], [1])
+    assert iou(decoded(region), alone) >= 0.99
+
+
+def test_a_click_inside_the_remembered_box_still_mixes_with_it(live_backend, torch_predictor, chelsea_embedding,
+                                                               chelsea_path):
+    box = _rectangle(with_image(recorded("rectangle"), chelsea_path, task_id=113), 50, 0, 35, 60, "r3")
+    assert post(live_backend, box).status_code == 200
+    click = _click(with_image(recorded("keypoints_positive_and_negative"), chelsea_path, task_id=113), 70, 30, "k3")
+    click["project"] = box["project"]
+    (region,) = post(live_backend, click).json()["results"][0]["result"]
+    mixed = expected(torch_predictor, chelsea_embedding, [px(70, 30)], [1], box_of(
+        box["params"]["context"]["result"][0]["value"]))
+    assert iou(decoded(region), mixed) >= 0.99
+    assert iou(mixed, expected(torch_predictor, chelsea_embedding, [px(70, 30)], [1])) < 0.9
+
+
 def test_plain_tool_keypoint_counts_as_positive(live_backend, torch_predictor, chelsea_embedding, chelsea_path):
     body = with_image(recorded("plain_tool_keypoint"), chelsea_path, task_id=105)
     clicks = body["params"]["context"]["result"]
