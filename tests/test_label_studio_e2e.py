@@ -123,14 +123,19 @@ def reference(checkpoint, image_path):
     predictor = TorchSamPredictor.load("vit_t", checkpoint, "cpu")
     embedding = predictor.embed(image)
 
-    def mask_of(points=(), box=None) -> np.ndarray:
+    def prediction(points, box, mask_input=None):
         xy = np.array([(x * W / 100, y * H / 100) for x, y, _ in points], np.float32).reshape(-1, 2)
         labels = np.array([1 if positive else 0 for _, _, positive in points], np.int32)
         corners = None
         if box is not None:
             x, y, w, h = box
             corners = np.array([x * W / 100, y * H / 100, (x + w) * W / 100, (y + h) * H / 100], np.float32)
-        return predictor.decode(embedding, Prompt(points=xy, labels=labels, box=corners)).mask
+        return predictor.decode(embedding, Prompt(points=xy, labels=labels, box=corners, mask_input=mask_input))
+
+    def mask_of(points=(), box=None, refining=None) -> np.ndarray:
+        """refining=(points, box): the earlier prompt of the same object, whose mask is fed back (REFINE_MASKS)."""
+        previous = prediction(*refining).low_res_logits if refining is not None else None
+        return prediction(points, box, previous).mask
 
     return mask_of
 
@@ -338,8 +343,8 @@ def test_rectangle_around_the_cat(label_studio, native, image_path, reference):
     assert_is_the_cat(mask, reference(box=CAT_BOX))
 
 
-def _assert_box_and_point(mask: np.ndarray, reference) -> None:
-    expected = reference([(*PART_CLICK, True)], box=PART_BOX)
+def _assert_box_and_point(mask: np.ndarray, reference, refining=None) -> None:
+    expected = reference([(*PART_CLICK, True)], box=PART_BOX, refining=refining)
     point_only = reference([(*PART_CLICK, True)])
     assert iou(expected, point_only) < 0.5, "test data: the box should change the reference answer"
     assert mask[pixel(*PART_CLICK)], "the mask misses the clicked point"
@@ -374,7 +379,8 @@ def test_box_then_click_without_draft(label_studio, native, image_path, referenc
     assert first.any()
     context = {"result": [keypoint(*PART_CLICK, "Cat", width=W, height=H)]}
     mask = one_mask(label_studio.interactive_annotating(ml_id, task["id"], context))
-    _assert_box_and_point(mask, reference)
+    # The click adds to the box's prompt, so the box's mask is fed back with it (REFINE_MASKS, on by default).
+    _assert_box_and_point(mask, reference, refining=((), PART_BOX))
 
 
 # ---- the seed's alias convention --------------------------------------------------------------------------------
