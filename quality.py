@@ -15,7 +15,10 @@ object). Each is embedded once; then, with and without refinement:
   area);
 * "refine" feeds the previous prediction's low-resolution logits back as `Prompt.mask_input`, which is what
   the server does with REFINE_MASKS when a call only adds clicks; "fresh" decodes every click set alone;
-* a lone first click uses SAM's best multimask output (as the server does), later ones the single output.
+* a lone first click uses SAM's best multimask output (as the server does), later ones the single output;
+* "box+fresh" / "box+refine" start from a hand-drawn box instead (the object's tight box grown by 10 % a side):
+  prompt 1 is the box alone, then the clicks above are added with the box kept (a smart rectangle, then smart
+  clicks), so their mIoU@1 is the box's and their NoC counts the box as the first prompt.
 
 Reported per mode: mIoU after 1..N clicks (N = --clicks), and NoC@85 / NoC@90, the mean number of clicks
 until IoU >= 0.85 / 0.90, counting --max-clicks for a scene that never gets there (how many never did is
@@ -47,6 +50,7 @@ from scenes import EXTRA_RECIPES, RECIPES, interior_point, iou, scene  # noqa: E
 
 THRESHOLDS = (0.85, 0.90)
 MODES = ("fresh", "refine")
+ALL_MODES = MODES + tuple(f"box+{mode}" for mode in MODES)
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,10 @@ def first_click(truth: np.ndarray) -> Click:
     return Click(x, y, positive=True)
 
 
-def prompt_of(clicks: list[Click], mask_input: np.ndarray | None = None) -> Prompt:
+def prompt_of(clicks: list[Click], mask_input: np.ndarray | None = None, box: np.ndarray | None = None) -> Prompt:
     return Prompt(points=np.array([[c.x, c.y] for c in clicks], np.float32).reshape(-1, 2),
                   labels=np.array([1 if c.positive else 0 for c in clicks], np.int32),
-                  mask_input=mask_input)
+                  box=box, mask_input=mask_input)
 
 
 @dataclass
@@ -113,17 +117,20 @@ class Run:
 
 
 def simulate(predictor: Predictor, embedding: Embedding, truth: np.ndarray, refine: bool,
-             max_clicks: int = 20, min_clicks: int = 5, stop_at: float = max(THRESHOLDS)) -> Run:
+             max_clicks: int = 20, min_clicks: int = 5, stop_at: float = max(THRESHOLDS),
+             box: np.ndarray | None = None) -> Run:
     """Click until `max_clicks`, or until at least `min_clicks` were made and IoU reached `stop_at`.
 
-    Stopping early changes no reported number: mIoU needs `min_clicks` IoUs and NoC only the first click
-    reaching each threshold.
+    With `box` (x0, y0, x1, y1 pixels) the first prompt is that box alone and every later one the box with the
+    clicks so far (a smart rectangle, then smart clicks); `Run.ious[0]` is then the box's IoU and `Run.clicks`
+    holds only the clicks. Stopping early changes no reported number: mIoU needs `min_clicks` IoUs and NoC
+    only the first prompt reaching each threshold.
     """
     truth = np.asarray(truth, bool)
-    run = Run(clicks=[first_click(truth)])
+    run = Run(clicks=[] if box is not None else [first_click(truth)])
     logits = None
     while True:
-        prediction = predictor.decode(embedding, prompt_of(run.clicks, logits if refine else None))
+        prediction = predictor.decode(embedding, prompt_of(run.clicks, logits if refine else None, box))
         run.ious.append(iou(prediction.mask, truth))
         logits = prediction.low_res_logits
         if len(run.ious) >= max_clicks or (len(run.ious) >= min_clicks and run.reached(stop_at)):
@@ -177,10 +184,22 @@ def load_predictor(kind: str, int8: bool = False, threads: int = 0) -> Predictor
     return TorchSamPredictor.load("vit_t", models / "mobile_sam.pt", "cpu", model_version="MobileSAM")
 
 
+def loose_box(mask: np.ndarray, margin: float = 0.1) -> np.ndarray:
+    """The tight box grown by `margin` of its size on every side, clipped to the image: a box drawn by hand."""
+    x0, y0, x1, y1 = tight_box(mask)
+    dx, dy = margin * (x1 - x0), margin * (y1 - y0)
+    height, width = mask.shape
+    return np.array([max(x0 - dx, 0), max(y0 - dy, 0), min(x1 + dx, width), min(y1 + dy, height)], np.float32)
+
+
 def benchmark(predictor: Predictor, names: list[str], size: tuple[int, int], clicks: int = 5,
               max_clicks: int = 20, log=print) -> dict:
-    """Every number of the report, as a JSON-ready dict."""
-    runs: dict[str, dict[str, Run]] = {mode: {} for mode in MODES}
+    """Every number of the report, as a JSON-ready dict.
+
+    Besides the click-only runs (MODES), each mode is also run box first ("box+" modes): a loose box (the
+    tight one grown by 10 % a side), then clicks as usual with the box kept, so prompt 1 is the box alone.
+    """
+    runs: dict[str, dict[str, Run]] = {mode: {} for mode in ALL_MODES}
     boxes: dict[str, float] = {}
     scenes_out = {}
     started = time.perf_counter()
@@ -189,9 +208,10 @@ def benchmark(predictor: Predictor, names: list[str], size: tuple[int, int], cli
         embedding = predictor.embed(item.image)
         boxes[name] = box_iou(predictor, embedding, item.mask)
         scenes_out[name] = {"box_IoU": round(boxes[name], 4)}
-        for mode in MODES:
-            run = simulate(predictor, embedding, item.mask, refine=mode == "refine", max_clicks=max_clicks,
-                           min_clicks=clicks)
+        for mode in ALL_MODES:
+            box = loose_box(item.mask) if mode.startswith("box+") else None
+            run = simulate(predictor, embedding, item.mask, refine=mode.endswith("refine"), max_clicks=max_clicks,
+                           min_clicks=clicks, box=box)
             runs[mode][name] = run
             scenes_out[name][mode] = {
                 "ious": [round(v, 4) for v in run.ious],
@@ -199,11 +219,11 @@ def benchmark(predictor: Predictor, names: list[str], size: tuple[int, int], cli
                 **{f"NoC@{round(t * 100)}": run.noc(t, max_clicks) for t in THRESHOLDS},
             }
         log(f"  {name}: box {boxes[name]:.3f}, " + ", ".join(
-            f"{mode} " + " ".join(f"{v:.3f}" for v in runs[mode][name].ious[:clicks]) for mode in MODES))
+            f"{mode} " + " ".join(f"{v:.3f}" for v in runs[mode][name].ious[:clicks]) for mode in ALL_MODES))
     groups = {"standard": [n for n in names if n in RECIPES], "extra": [n for n in names if n not in RECIPES]}
     summary = {group: {mode: summarise({n: runs[mode][n] for n in members}, {n: boxes[n] for n in members},
                                        clicks, max_clicks)
-                       for mode in MODES}
+                       for mode in ALL_MODES}
                for group, members in groups.items() if members}
     return {"predictor": predictor.model_version, "size": list(size), "clicks": clicks, "max_clicks": max_clicks,
             "thresholds": list(THRESHOLDS), "groups": groups, "summary": summary, "scenes": scenes_out,
@@ -216,12 +236,12 @@ def table(report: dict) -> str:
     columns = [f"mIoU@{k}" for k in range(1, clicks + 1)] + ["NoC@85", "NoC@90", "failed@90", "drops", "box_IoU"]
     lines = [f"{report['predictor']}, {report['size'][0]}x{report['size'][1]}, NoC capped at "
              f"{report['max_clicks']} clicks"]
-    header = f"{'scenes':<10} {'mode':<7} " + " ".join(f"{c:>9}" for c in columns)
+    header = f"{'scenes':<10} {'mode':<12} " + " ".join(f"{c:>9}" for c in columns)
     lines += [header, "-" * len(header)]
     for group, modes in report["summary"].items():
         label = f"{group}({len(report['groups'][group])})"
         for mode, numbers in modes.items():
-            lines.append(f"{label:<10} {mode:<7} " + " ".join(f"{numbers[c]:>9}" for c in columns))
+            lines.append(f"{label:<10} {mode:<12} " + " ".join(f"{numbers[c]:>9}" for c in columns))
     return "\n".join(lines)
 
 
