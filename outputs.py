@@ -45,9 +45,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: Douglas-Peucker tolerance in pixels (settings.polygon_tolerance, POLYGON_TOLERANCE, when it exists)
+#: Douglas-Peucker tolerance in pixels (the server takes settings.polygon_tolerance, POLYGON_TOLERANCE)
 DEFAULT_TOLERANCE = 1.0
-#: components of fewer pixels get no polygon (settings.polygon_min_area, POLYGON_MIN_AREA, when it exists)
+#: components of fewer pixels get no polygon (the server takes settings.polygon_min_area, POLYGON_MIN_AREA)
 DEFAULT_MIN_AREA = 16
 #: decimals of the percent coordinates (1e-4 % of a 10 000-pixel side is 0.01 px)
 DECIMALS = 4
@@ -214,8 +214,8 @@ def outline_results(mask: np.ndarray, score: float, target: tuple[str, str], ima
     polygon_tag = config.output_tag("polygonlabels", image, tuple(target))
     if polygon_tag is not None:
         results += polygon_regions(mask, from_name=polygon_tag[0], to_name=image, label=polygon_tag[1],
-                                   score=score, tolerance=getattr(settings, "polygon_tolerance", DEFAULT_TOLERANCE),
-                                   min_area=getattr(settings, "polygon_min_area", DEFAULT_MIN_AREA))
+                                   score=score, tolerance=settings.polygon_tolerance,
+                                   min_area=settings.polygon_min_area)
     elif settings.out_poly:
         _warn_once("OUT_POLY is on, but the labeling config has no PolygonLabels tag on %r with a label for "
                    "brush label %r: no polygon", image, target[1])

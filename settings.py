@@ -63,6 +63,8 @@ class Settings:
     out_mask: bool = True  # OUT_MASK (--with out_mask)
     out_bbox: bool = False  # OUT_BBOX (--with out_bbox)
     out_poly: bool = False  # OUT_POLY (--with out_poly)
+    polygon_tolerance: float = 1.0  # POLYGON_TOLERANCE: polygon simplification in pixels (0 = exact pixel border)
+    polygon_min_area: int = 16  # POLYGON_MIN_AREA: mask parts of fewer pixels get no polygon
     # Server
     basic_auth_user: str = ""  # BASIC_AUTH_USER
     basic_auth_pass: str = field(default="", repr=False)  # BASIC_AUTH_PASS
@@ -124,6 +126,8 @@ ENVIRONMENT = {
     "OUT_MASK": "out_mask",
     "OUT_BBOX": "out_bbox",
     "OUT_POLY": "out_poly",
+    "POLYGON_TOLERANCE": "polygon_tolerance",
+    "POLYGON_MIN_AREA": "polygon_min_area",
     "BASIC_AUTH_USER": "basic_auth_user",
     "BASIC_AUTH_PASS": "basic_auth_pass",
     "MAX_CONTENT_LENGTH": "max_content_length",
@@ -186,6 +190,8 @@ def validate(settings: Settings) -> None:
         raise ValueError(f"SAM_MODEL_TYPE={settings.sam_model_type!r}: use vit_b, vit_l or vit_h")
     if settings.embedding_cache_size < 1:
         raise ValueError("EMBEDDING_CACHE_SIZE must be at least 1")
+    if not settings.polygon_tolerance >= 0:  # also refuses NaN
+        raise ValueError(f"POLYGON_TOLERANCE={settings.polygon_tolerance}: use 0 or more pixels")
     if bool(settings.basic_auth_user) != bool(settings.basic_auth_pass):
         raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
 

@@ -249,6 +249,32 @@ def test_server_adds_polygons_for_a_polygon_tag(live_backend, chelsea_path):
     assert [r["type"] for r in _post(live_backend, _click_body(chelsea_path, 502))] == ["brushlabels"]
 
 
+def test_polygon_tolerance_is_a_setting(base_settings, torch_predictor, chelsea_path):
+    """POLYGON_TOLERANCE=0 sends the exact pixel border (which re-rasterises to the brush mask exactly); the
+    default 1 px sends far fewer points."""
+    from conftest import make_live_backend
+    from settings import from_environment
+    from test_protocol import decoded
+
+    assert from_environment({"POLYGON_TOLERANCE": "0"}).polygon_tolerance == 0
+    with pytest.raises(ValueError, match="POLYGON_TOLERANCE"):
+        from_environment({"POLYGON_TOLERANCE": "-1"})
+    xml = NATIVE.replace("{extra}", POLYGONS)
+    points = {}
+    for tolerance in (0.0, 1.0):
+        backend = make_live_backend(base_settings, torch_predictor, polygon_tolerance=tolerance)
+        try:
+            results = _post(backend, _click_body(chelsea_path, 505 + int(tolerance), xml))
+        finally:
+            backend.close()
+        polygons = [r for r in results if r["type"] == "polygonlabels"]
+        points[tolerance] = sum(len(r["value"]["points"]) for r in polygons)
+        if tolerance == 0:
+            (brush,) = [r for r in results if r["type"] == "brushlabels"]
+            assert iou(rasterised(polygons), ndimage.binary_fill_holes(decoded(brush))) >= 0.999
+    assert points[1.0] * 3 < points[0.0], points
+
+
 def test_server_adds_a_rectangle_with_out_bbox(base_settings, torch_predictor, chelsea_path):
     from conftest import make_live_backend
     from test_protocol import decoded
