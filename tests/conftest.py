@@ -131,3 +131,77 @@ def make_live_backend(settings, predictor, **changes) -> LiveServer:
     from server import create_app
 
     return LiveServer(create_app(replace(settings, **changes), predictor=predictor))
+
+
+# ---- ONNX models of the real weights --------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def sam_model(mobile_sam_checkpoint):
+    """The torch MobileSAM module (real weights, CPU) that the ONNX files are exported from."""
+    import torch
+
+    from advanced_sam import build_sam
+
+    return build_sam("vit_t", mobile_sam_checkpoint, torch.device("cpu"))
+
+
+def _reusable(paths: tuple[Path, ...], newer_than: list[Path], weights_digest: str, int8: bool) -> bool:
+    """True when every file exists, is newer than everything in `newer_than`, and was built from these weights."""
+    import onnx_sam
+
+    if not all(path.is_file() for path in paths):
+        return False
+    oldest = min(path.stat().st_mtime for path in paths)
+    if any(oldest <= source.stat().st_mtime for source in newer_than):
+        return False
+    for path, kind in zip(paths, ("encoder", "decoder")):
+        try:
+            meta = onnx_sam.metadata(onnx_sam.open_session(path, kind, threads=1))
+        except onnx_sam.OnnxModelError:
+            return False
+        if meta.get(onnx_sam.META_WEIGHTS) != weights_digest or (onnx_sam.META_QUANTIZATION in meta) != int8:
+            return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def onnx_files(mobile_sam_checkpoint, sam_model, tmp_path_factory) -> tuple[Path, Path]:
+    """(encoder, decoder) float32 ONNX files of MobileSAM: models/ when fresh (`make onnx`), else exported for
+    this session (about 20 s)."""
+    import onnx_converter as oc
+    import onnx_sam
+
+    metadata = oc.model_metadata("vit_t", mobile_sam_checkpoint)
+    paths = oc.onnx_paths(ROOT / "models", "vit_t")
+    sources = [mobile_sam_checkpoint, ROOT / "onnx_converter.py", ROOT / "advanced_sam.py"]
+    if _reusable(paths, sources, metadata[onnx_sam.META_WEIGHTS], int8=False):
+        print(f"\nreusing {paths[0]} and {paths[1]}")
+        return paths
+    encoder, decoder = oc.onnx_paths(tmp_path_factory.mktemp("onnx"), "vit_t")
+    oc.export_decoder(sam_model, decoder, metadata=metadata)
+    oc.export_encoder(sam_model, encoder, metadata=metadata)
+    print(f"\nexported {encoder} and {decoder}")
+    return encoder, decoder
+
+
+@pytest.fixture(scope="session")
+def int8_files(onnx_files, tmp_path_factory) -> tuple[Path, Path]:
+    """(encoder, decoder) int8 files: next to the float32 ones when fresh, else quantized for this session."""
+    import onnx_converter as oc
+    import onnx_sam
+
+    paths = oc.onnx_paths(onnx_files[0].parent, "vit_t", int8=True)
+    digest = onnx_sam.metadata(onnx_sam.open_session(onnx_files[1], "decoder", 1))[onnx_sam.META_WEIGHTS]
+    sources = [*onnx_files, ROOT / "onnx_converter.py"]
+    if _reusable(paths, sources, digest, int8=True):
+        return paths
+    folder = tmp_path_factory.mktemp("int8")
+    return tuple(oc.quantize(source, target) for source, target in
+                 zip(onnx_files, oc.onnx_paths(folder, "vit_t", int8=True)))
+
+
+@pytest.fixture(scope="session")
+def onnx_server_predictor(onnx_files):
+    """MobileSAM on ONNX Runtime as the server loads it with RUN_ONNX_SAM=true."""
+    from onnx_sam import OnnxSamPredictor
+
+    return OnnxSamPredictor.load(*onnx_files, model_version="MobileSAM-onnx-test", threads=2)

@@ -167,13 +167,19 @@ def _backend_env(label_studio: LabelStudio, api_key: str, checkpoint: Path) -> d
     }
 
 
-@pytest.fixture(scope="module")
-def backend(label_studio, workdir, checkpoint):
-    """The backend with the legacy token, as the seed's users configure it."""
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def backend(request, label_studio, workdir, checkpoint):
+    """The backend with the legacy token, as the seed's users configure it: on torch, then on ONNX Runtime
+    (RUN_ONNX_SAM=true with the session's ONNX files). Every test using it runs against both."""
     if not (REPO / "_wsgi.py").is_file():
         pytest.fail("_wsgi.py is missing: the backend is not in the repository")
-    process = Backend(workdir / "backend-legacy.log")
-    process.start(_backend_env(label_studio, LabelStudio.TOKEN, checkpoint))
+    env = _backend_env(label_studio, LabelStudio.TOKEN, checkpoint)
+    if request.param == "onnx":
+        encoder, decoder = request.getfixturevalue("onnx_files")
+        env.update(RUN_ONNX_SAM="true", ONNX_ENCODER_PATH=str(encoder), ONNX_DECODER_PATH=str(decoder),
+                   ORT_NUM_THREADS="2")
+    process = Backend(workdir / f"backend-legacy-{request.param}.log")
+    process.start(env)
     yield process
     process.stop()
 
@@ -198,14 +204,14 @@ def _logs_on_failure(request, workdir):
 @pytest.fixture(scope="module")
 def native(label_studio, backend, image_path):
     """The native-convention project with the backend connected for interactive pre-annotation."""
-    project = label_studio.create_project(NATIVE_CONFIG, title="e2e native")
+    project = label_studio.create_project(NATIVE_CONFIG, title=f"e2e native ({backend.log_path.stem})")
     ml = label_studio.add_ml_backend(project["id"], backend.url, title="SAM legacy token")
     return {"project": project, "ml": ml}
 
 
 @pytest.fixture(scope="module")
 def alias(label_studio, backend, image_path):
-    project = label_studio.create_project(ALIAS_CONFIG, title="e2e alias")
+    project = label_studio.create_project(ALIAS_CONFIG, title=f"e2e alias ({backend.log_path.stem})")
     ml = label_studio.add_ml_backend(project["id"], backend.url, title="SAM alias")
     return {"project": project, "ml": ml}
 

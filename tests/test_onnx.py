@@ -4,9 +4,9 @@ serves without torch.
 Real MobileSAM weights (models/mobile_sam.pt, fetched if missing) and real photos (skimage.data), resized and
 cropped to 640x480, 1920x1080, a 720x1080 portrait and a 512x512 square (`onnx_converter.SAMPLES`).
 
-The session fixture `onnx_files` reuses models/vit_t.{encoder,decoder}.onnx when they are newer than the
-checkpoint and the code that builds them, and were built from these weights; otherwise it exports both into
-a temporary folder (about 20 s). `int8_files` does the same for the *.int8.onnx files.
+The session fixture `onnx_files` (conftest.py) reuses models/vit_t.{encoder,decoder}.onnx when they are newer
+than the checkpoint and the code that builds them, and were built from these weights; otherwise it exports both
+into a temporary folder (about 20 s). `int8_files` does the same for the *.int8.onnx files.
 
 Numbers (embedding differences, IoUs) are printed: run with `-s` to see them. The ViT-B export smoke test is
 opt-in (ONNX_TEST_VIT_B=1): a ViT-B forward alone takes 15-40 s on this machine's CPU.
@@ -51,70 +51,13 @@ SAMPLE_IDS = [sample.name.replace(" ", "-") for sample in oc.SAMPLES]
 
 
 @pytest.fixture(scope="session")
-def checkpoint() -> Path:
-    path = MODELS / "mobile_sam.pt"
-    if not path.is_file():
-        import weights
-
-        weights.fetch("mobile_sam")
-    return path
-
-
-@pytest.fixture(scope="session")
-def sam_model(checkpoint):
-    torch.set_num_threads(THREADS)
-    return build_sam("vit_t", checkpoint, torch.device("cpu"))
+def checkpoint(mobile_sam_checkpoint) -> Path:
+    return mobile_sam_checkpoint
 
 
 @pytest.fixture(scope="session")
 def torch_sam(sam_model) -> TorchSamPredictor:
     return TorchSamPredictor(sam_model, "MobileSAM-torch", torch.device("cpu"))
-
-
-def _reusable(paths: tuple[Path, ...], newer_than: list[Path], weights_digest: str, int8: bool) -> bool:
-    """True when every file exists, is newer than everything in `newer_than`, and was built from these weights."""
-    if not all(path.is_file() for path in paths):
-        return False
-    oldest = min(path.stat().st_mtime for path in paths)
-    if any(oldest <= source.stat().st_mtime for source in newer_than):
-        return False
-    for path, kind in zip(paths, ("encoder", "decoder")):
-        try:
-            meta = onnx_sam.metadata(onnx_sam.open_session(path, kind, threads=1))
-        except OnnxModelError:
-            return False
-        if meta.get(onnx_sam.META_WEIGHTS) != weights_digest or (onnx_sam.META_QUANTIZATION in meta) != int8:
-            return False
-    return True
-
-
-@pytest.fixture(scope="session")
-def onnx_files(checkpoint, sam_model, tmp_path_factory) -> tuple[Path, Path]:
-    """(encoder, decoder) float32 ONNX files of MobileSAM: models/ when fresh, else exported for this session."""
-    metadata = oc.model_metadata("vit_t", checkpoint)
-    paths = oc.onnx_paths(MODELS, "vit_t")
-    sources = [checkpoint, ROOT / "onnx_converter.py", ROOT / "advanced_sam.py"]
-    if _reusable(paths, sources, metadata[onnx_sam.META_WEIGHTS], int8=False):
-        print(f"\nreusing {paths[0]} and {paths[1]}")
-        return paths
-    encoder, decoder = oc.onnx_paths(tmp_path_factory.mktemp("onnx"), "vit_t")
-    oc.export_decoder(sam_model, decoder, metadata=metadata)
-    oc.export_encoder(sam_model, encoder, metadata=metadata)
-    print(f"\nexported {encoder} and {decoder}")
-    return encoder, decoder
-
-
-@pytest.fixture(scope="session")
-def int8_files(onnx_files, tmp_path_factory) -> tuple[Path, Path]:
-    """(encoder, decoder) int8 files: next to the float32 ones when fresh, else quantized for this session."""
-    paths = oc.onnx_paths(onnx_files[0].parent, "vit_t", int8=True)
-    digest = onnx_sam.metadata(onnx_sam.open_session(onnx_files[1], "decoder", 1))[onnx_sam.META_WEIGHTS]
-    sources = [*onnx_files, ROOT / "onnx_converter.py"]
-    if _reusable(paths, sources, digest, int8=True):
-        return paths
-    folder = tmp_path_factory.mktemp("int8")
-    return tuple(oc.quantize(source, target) for source, target in
-                 zip(onnx_files, oc.onnx_paths(folder, "vit_t", int8=True)))
 
 
 @pytest.fixture(scope="session")

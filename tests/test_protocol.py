@@ -1,5 +1,8 @@
 """The backend over real HTTP, fed the exact bodies a real Label Studio 1.23.2 sent (tests/fixtures), with real
-MobileSAM weights. Masks are checked against the predictor called directly with the prompt the body means."""
+MobileSAM weights. Masks are checked against the torch predictor called directly with the prompt the body means.
+
+Every test runs twice: with the server on torch (AdvancedSAM) and on ONNX Runtime (RUN_ONNX_SAM=true; the files
+of `make onnx`, or exported for the session), which must give the same masks (IoU >= 0.99)."""
 from __future__ import annotations
 
 import copy
@@ -28,6 +31,22 @@ def recorded(name: str, path: str = "/predict") -> dict:
     """A deep copy of the body Label Studio sent for user action `name`."""
     call = next(c for c in FIXTURES["calls"] if c["name"] == name and c["path"] == path)
     return copy.deepcopy(call["body"])
+
+
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def served_predictor(request):
+    """The predictor the server under test uses: MobileSAM on torch, or on ONNX Runtime."""
+    return request.getfixturevalue("torch_predictor" if request.param == "torch" else "onnx_server_predictor")
+
+
+@pytest.fixture(scope="module")
+def live_backend(base_settings, served_predictor):
+    """This module's server: the session's settings with the predictor of this run."""
+    from conftest import make_live_backend
+
+    server = make_live_backend(base_settings, served_predictor)
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="module")
@@ -266,12 +285,12 @@ def test_alias_rectangle(live_backend, chelsea_path):
     assert region["value"]["brushlabels"] == ["1"] and decoded(region).mean() > 0.1
 
 
-def test_each_added_click_refines_the_previous_mask(base_settings, torch_predictor, chelsea_embedding,
-                                                    chelsea_path):
+def test_each_added_click_refines_the_previous_mask(base_settings, served_predictor, torch_predictor,
+                                                    chelsea_embedding, chelsea_path):
     """With REFINE_MASKS on, a second click feeds the first answer's low-res logits back to SAM."""
     from conftest import make_live_backend
 
-    backend = make_live_backend(base_settings, torch_predictor, refine_masks=True)
+    backend = make_live_backend(base_settings, served_predictor, refine_masks=True)
     try:
         body = with_image(recorded("keypoints_positive_and_negative"), chelsea_path, task_id=110)
         clicks = body["params"]["context"]["result"]
