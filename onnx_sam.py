@@ -135,6 +135,11 @@ def open_session(path: Path | str, kind: str, threads: int = 0,
     if threads > 0:
         options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if kind == "encoder":
+        # The memory pattern pre-plans one block for all of the encoder's activations and keeps it for the life
+        # of the session. Without it, MobileSAM's server holds 320 MB less (a 1920x1080 embedding: RSS 839 ->
+        # 519 MB in a bare process) for about 5 % more encoder time (678 -> 710 ms on 2 cores).
+        options.enable_mem_pattern = False
     try:
         session = ort.InferenceSession(str(path), options, providers=list(providers or _providers()))
     except Exception as error:  # onnxruntime raises its own (unexported) exception types for bad files
