@@ -3,11 +3,15 @@
 The cache is a bounded LRU. A key being computed is computed once: other threads asking for it wait for the
 same result instead of starting a second multi-second encoder run ("single flight"). A failed computation is
 not cached; every waiter sees the error.
+
+`RecentImages` remembers which content an image URL gave when it was last downloaded, so that the clicks after
+the first on a task find their embedding without downloading the image again.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Hashable
@@ -49,6 +53,15 @@ class EmbeddingCache:
     def nbytes(self) -> int:
         with self._lock:
             return sum(item.nbytes for item in self._items.values())
+
+    def get(self, key: Hashable) -> Embedding | None:
+        """The embedding for `key` if it is cached (counted as a hit), else None; never computes."""
+        with self._lock:
+            embedding = self._items.get(key)
+            if embedding is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+            return embedding
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], Embedding]) -> Embedding:
         """The embedding for `key`, calling `compute()` only if no thread has it or is computing it."""
@@ -109,3 +122,38 @@ class EmbeddingCache:
 
     def close(self) -> None:
         self._prewarm_pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RecentImages:
+    """Which cache key (model and content digest) each image source gave when it was last downloaded.
+
+    A source is what names an image: its URL and the Label Studio it is resolved against. Label Studio's upload
+    and presign URLs name content that does not change, so for `ttl` seconds after a download the source is
+    taken to hold the same image and is not downloaded again; after that, the next use downloads and checks it.
+    At most `max_items` sources, least recently downloaded dropped first. `ttl` 0 turns it off. Thread-safe.
+    """
+
+    def __init__(self, max_items: int = 4096, ttl: float = 600.0) -> None:
+        self.max_items = max_items
+        self.ttl = ttl
+        self._keys: OrderedDict[Hashable, tuple[float, Hashable]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, source: Hashable) -> Hashable | None:
+        with self._lock:
+            entry = self._keys.get(source)
+            if entry is None:
+                return None
+            if time.monotonic() - entry[0] > self.ttl:
+                del self._keys[source]
+                return None
+            return entry[1]
+
+    def put(self, source: Hashable, key: Hashable) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            self._keys.pop(source, None)
+            self._keys[source] = (time.monotonic(), key)
+            while len(self._keys) > self.max_items:
+                self._keys.popitem(last=False)

@@ -19,7 +19,7 @@ import label_config
 import outputs
 import prompts
 import rle
-from embedding_cache import EmbeddingCache
+from embedding_cache import EmbeddingCache, RecentImages
 from images import ImageError, ImageLoader, LabelStudioAccess, redact_url
 from predictor import Embedding, Predictor
 from settings import Settings
@@ -41,6 +41,7 @@ class SamModel:
         self.images = images or ImageLoader(settings)
         self.cache = cache or EmbeddingCache(settings.embedding_cache_size, compact=settings.embedding_float16)
         self.memory = memory or prompts.PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl)
+        self.recent = RecentImages(ttl=settings.image_url_ttl)
         self._projects: OrderedDict[str, LabelStudioAccess] = OrderedDict()
         self._projects_lock = threading.Lock()
 
@@ -127,9 +128,19 @@ class SamModel:
         return self._task_result(results)
 
     def _embedding(self, url: str, task: Mapping, fallback: LabelStudioAccess | None, where: str) -> Embedding:
-        """The embedding of the task's image. `where` names the task field holding `url`, for decode errors."""
+        """The embedding of the task's image. `where` names the task field holding `url`, for decode errors.
+
+        The image is downloaded unless this URL gave an embedded image less than IMAGE_URL_TTL seconds ago.
+        """
+        source = (url, fallback.url if fallback is not None else None)  # a relative URL means the fallback's
+        known = self.recent.get(source)
+        if known is not None:
+            embedding = self.cache.get(known)
+            if embedding is not None:
+                return embedding
         data = self.images.fetch(url, fallback, task_id=_task_id(task))
         key = (self.model_version, hashlib.sha256(data).hexdigest())
+        self.recent.put(source, key)
 
         def compute() -> Embedding:
             try:

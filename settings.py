@@ -49,6 +49,7 @@ class Settings:
     local_files_root: Path | None = None  # LOCAL_FILES_DOCUMENT_ROOT
     # Images
     image_timeout: float = 30.0  # IMAGE_TIMEOUT seconds
+    image_url_ttl: float = 600.0  # IMAGE_URL_TTL: seconds a URL is taken to hold the image it held (0: always fetch)
     max_image_bytes: int = 64 << 20  # MAX_IMAGE_BYTES
     max_image_pixels: int = 100_000_000  # MAX_IMAGE_PIXELS
     allowed_hosts: tuple[str, ...] = ()  # ALLOWED_IMAGE_HOSTS: comma list; empty = Label Studio + public
@@ -114,6 +115,7 @@ ENVIRONMENT = {
     "LABEL_STUDIO_API_KEY": "label_studio_api_key",
     "LOCAL_FILES_DOCUMENT_ROOT": "local_files_root",
     "IMAGE_TIMEOUT": "image_timeout",
+    "IMAGE_URL_TTL": "image_url_ttl",
     "MAX_IMAGE_BYTES": "max_image_bytes",
     "MAX_IMAGE_PIXELS": "max_image_pixels",
     "ALLOWED_IMAGE_HOSTS": "allowed_hosts",

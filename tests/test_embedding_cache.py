@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from embedding_cache import EmbeddingCache
+from embedding_cache import EmbeddingCache, RecentImages
 from predictor import Embedding, Prompt
 from scenes import all_scenes, interior_point, iou
 
@@ -81,3 +81,28 @@ def test_float16_cache_keeps_masks(torch_predictor):
         assert half.features.dtype == np.float16 and half.nbytes == full.nbytes // 2
         prompt = Prompt(np.array([interior_point(scene.mask)], np.float32), np.array([1], np.int32))
         assert iou(torch_predictor.decode(full, prompt).mask, torch_predictor.decode(half, prompt).mask) >= 0.99
+
+
+# ---- RecentImages -----------------------------------------------------------------------------------------------
+def test_recent_images_remember_a_source_for_ttl_seconds(monkeypatch):
+    import embedding_cache
+
+    now = [1000.0]
+    monkeypatch.setattr(embedding_cache.time, "monotonic", lambda: now[0])
+    recent = RecentImages(max_items=2, ttl=60)
+    assert recent.get("a") is None
+    recent.put("a", "key-a")
+    now[0] += 59
+    assert recent.get("a") == "key-a"
+    now[0] += 2  # 61 s after the download: downloaded again next time
+    assert recent.get("a") is None
+
+
+def test_recent_images_are_bounded_and_can_be_off():
+    recent = RecentImages(max_items=2, ttl=60)
+    for source in "abc":
+        recent.put(source, f"key-{source}")
+    assert [recent.get(s) for s in "abc"] == [None, "key-b", "key-c"]
+    off = RecentImages(ttl=0)
+    off.put("a", "key-a")
+    assert off.get("a") is None

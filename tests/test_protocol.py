@@ -242,6 +242,27 @@ def test_a_click_inside_the_remembered_box_still_mixes_with_it(live_backend, tor
     assert iou(mixed, expected(torch_predictor, chelsea_embedding, [px(70, 30)], [1])) < 0.9
 
 
+def test_later_clicks_on_a_task_skip_the_image_download(base_settings, served_predictor, fake_label_studio):
+    """The image is downloaded for the first click only (IMAGE_URL_TTL); with IMAGE_URL_TTL=0, for every click."""
+    from conftest import make_live_backend
+
+    path = fake_label_studio.add_image("/data/upload/2/downloads.jpg", CHELSEA)
+    for ttl, downloads in ((600.0, 1), (0.0, 3)):
+        backend = make_live_backend(base_settings, served_predictor, image_url_ttl=ttl)
+        try:
+            before = sum(p == path for p, _ in fake_label_studio.requests)
+            masks = []
+            for dx in (0, 1, 2):
+                body = with_image(recorded("keypoints_positive_and_negative"), path, task_id=120)
+                body["params"]["context"]["result"][0]["value"]["x"] += dx
+                (region,) = post(backend, body).json()["results"][0]["result"]
+                masks.append(decoded(region))
+            assert sum(p == path for p, _ in fake_label_studio.requests) - before == downloads, f"IMAGE_URL_TTL={ttl}"
+            assert all(iou(mask, masks[0]) > 0.9 for mask in masks)
+        finally:
+            backend.close()
+
+
 def test_plain_tool_keypoint_counts_as_positive(live_backend, torch_predictor, chelsea_embedding, chelsea_path):
     body = with_image(recorded("plain_tool_keypoint"), chelsea_path, task_id=105)
     clicks = body["params"]["context"]["result"]
