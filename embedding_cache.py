@@ -2,7 +2,8 @@
 
 The cache is a bounded LRU. A key being computed is computed once: other threads asking for it wait for the
 same result instead of starting a second multi-second encoder run ("single flight"). A failed computation is
-not cached; every waiter sees the error.
+not cached; every waiter sees the error. At most `max_computing` different keys are computed at once: each
+encoder run already uses every core, and each holds hundreds of MB of activations.
 
 `RecentImages` remembers which content an image URL gave when it was last downloaded, so that the clicks after
 the first on a task find their embedding without downloading the image again.
@@ -27,11 +28,14 @@ class EmbeddingCache:
     """LRU of at most `max_items` embeddings, keyed by (model_version, image digest) or any hashable.
 
     compact: store features as float16 (half the memory; masks stay the same, see tests).
+    max_computing: how many computations run at once; the others wait their turn.
     """
 
-    def __init__(self, max_items: int = 32, compact: bool = False, prewarm_queue: int = 16) -> None:
+    def __init__(self, max_items: int = 32, compact: bool = False, prewarm_queue: int = 16,
+                 max_computing: int = 1) -> None:
         self.max_items = max_items
         self.compact = compact
+        self._computing = threading.BoundedSemaphore(max_computing)
         self._items: OrderedDict[Hashable, Embedding] = OrderedDict()
         self._pending: dict[Hashable, Future] = {}
         self._lock = threading.Lock()
@@ -79,7 +83,8 @@ class EmbeddingCache:
         if not owner:
             return future.result()
         try:
-            embedding = self._store_form(compute())
+            with self._computing:
+                embedding = self._store_form(compute())
         except BaseException as error:
             with self._lock:
                 del self._pending[key]

@@ -39,7 +39,8 @@ class SamModel:
         self.predictor = predictor
         self.settings = settings
         self.images = images or ImageLoader(settings)
-        self.cache = cache or EmbeddingCache(settings.embedding_cache_size, compact=settings.embedding_float16)
+        self.cache = cache or EmbeddingCache(settings.embedding_cache_size, compact=settings.embedding_float16,
+                                             max_computing=settings.max_concurrent_embeddings)
         self.memory = memory or prompts.PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl)
         self.recent = RecentImages(ttl=settings.image_url_ttl)
         self._projects: OrderedDict[str, LabelStudioAccess] = OrderedDict()

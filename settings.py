@@ -56,6 +56,7 @@ class Settings:
     allow_private_hosts: bool = False  # ALLOW_PRIVATE_IMAGE_HOSTS
     # Caches and memory of earlier calls
     embedding_cache_size: int = 32  # EMBEDDING_CACHE_SIZE (images)
+    max_concurrent_embeddings: int = 1  # MAX_CONCURRENT_EMBEDDINGS: encoder runs at once (each uses every core)
     embedding_float16: bool = True  # EMBEDDING_FLOAT16: cache embeddings as float16 (2 MB instead of 4 MB each)
     prompt_memory_size: int = 1024  # PROMPT_MEMORY_SIZE (task, class) entries
     prompt_memory_ttl: float = 3600.0  # PROMPT_MEMORY_TTL seconds
@@ -122,6 +123,7 @@ ENVIRONMENT = {
     "ALLOW_PRIVATE_IMAGE_HOSTS": "allow_private_hosts",
     "EMBEDDING_CACHE_SIZE": "embedding_cache_size",
     "EMBEDDING_FLOAT16": "embedding_float16",
+    "MAX_CONCURRENT_EMBEDDINGS": "max_concurrent_embeddings",
     "PROMPT_MEMORY_SIZE": "prompt_memory_size",
     "PROMPT_MEMORY_TTL": "prompt_memory_ttl",
     "REFINE_MASKS": "refine_masks",
@@ -192,6 +194,8 @@ def validate(settings: Settings) -> None:
         raise ValueError(f"SAM_MODEL_TYPE={settings.sam_model_type!r}: use vit_b, vit_l or vit_h")
     if settings.embedding_cache_size < 1:
         raise ValueError("EMBEDDING_CACHE_SIZE must be at least 1")
+    if settings.max_concurrent_embeddings < 1:
+        raise ValueError("MAX_CONCURRENT_EMBEDDINGS must be at least 1")
     if not settings.polygon_tolerance >= 0:  # also refuses NaN
         raise ValueError(f"POLYGON_TOLERANCE={settings.polygon_tolerance}: use 0 or more pixels")
     if bool(settings.basic_auth_user) != bool(settings.basic_auth_pass):

@@ -106,3 +106,29 @@ def test_recent_images_are_bounded_and_can_be_off():
     off = RecentImages(ttl=0)
     off.put("a", "key-a")
     assert off.get("a") is None
+
+
+def test_different_keys_are_computed_one_at_a_time():
+    """max_computing=1: the encoder runs once at a time, whatever the number of threads (memory stays bounded)."""
+    cache = EmbeddingCache(max_items=8, max_computing=1)
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow(value):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return fake_embedding(value)
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda i: cache.get_or_compute(i, lambda: slow(float(i))), range(6)))
+    assert most[0] == 1
+    assert [r.features[0, 0, 0, 0] for r in results] == [float(i) for i in range(6)]
+    two = EmbeddingCache(max_items=8, max_computing=2)
+    most[0] = 0
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda i: two.get_or_compute(i, lambda: slow(float(i))), range(6)))
+    assert most[0] == 2
