@@ -7,6 +7,7 @@ the features and `decode` takes them back.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,12 @@ def build_sam(model_type: str, checkpoint: Path | None, device: torch.device) ->
         raise CheckpointError(f"unknown model type {model_type!r}; choose one of {sorted(MODEL_TYPES)}")
     package, key = MODEL_TYPES[model_type]
     if package == "mobile_sam":
-        from mobile_sam import sam_model_registry
+        with warnings.catch_warnings():
+            # mobile_sam imports timm's deprecated paths and registers its TinyViT names over timm's own: seven
+            # lines of warnings at every start that say nothing about this server.
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\.")
+            warnings.filterwarnings("ignore", message="Overwriting tiny_vit_", category=UserWarning)
+            from mobile_sam import sam_model_registry
     else:
         from segment_anything import sam_model_registry
     model = sam_model_registry[key](checkpoint=None)
