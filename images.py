@@ -841,8 +841,9 @@ def redact_url(url: str) -> str:
 
 def _redacted_fileuri(value: str) -> str:
     """A presign `fileuri=` value (urlsafe base64 of a cloud URI) as the redacted URI it encodes."""
+    encoded = unquote(value)
     try:
-        uri = base64.urlsafe_b64decode(unquote(value) + "=" * (-len(value) % 4)).decode()
+        uri = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
     except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
         return "***"
     return redact_url(uri) if "://" in uri else "***"

@@ -720,6 +720,16 @@ def test_redact_url():
     assert len(redact_url("http://h/" + "a" * 1000)) <= 200
 
 
+def test_redact_url_shows_the_cloud_uri_a_presign_url_encodes():
+    cloud = "s3://bucket/cat.jpg?X-Amz-Signature=SECRET"
+    encoded = base64.urlsafe_b64encode(cloud.encode()).decode()
+    for value in (encoded, encoded.rstrip("="), encoded.replace("=", "%3D")):
+        assert redact_url(f"http://ls:8080/tasks/3/presign/?fileuri={value}") == \
+            "http://ls:8080/tasks/3/presign/?fileuri=s3://bucket/cat.jpg?X-Amz-Signature=***"
+    assert redact_url("http://ls:8080/tasks/3/presign/?fileuri=@@not-base64") == \
+        "http://ls:8080/tasks/3/presign/?fileuri=***"
+
+
 # ---- decode ----------------------------------------------------------------------------------------------------
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
