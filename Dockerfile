@@ -46,8 +46,9 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 FROM torch-deps AS export
 ARG ONNX=true
 # The same command the README and CI use: downloads MobileSAM and checks its published sha256.
-COPY weights.py ./
-RUN python weights.py mobile_sam
+COPY sam_backend/ ./sam_backend/
+COPY tools/__init__.py tools/weights.py ./tools/
+RUN python -m tools.weights mobile_sam
 # The exporter's own needs (onnxscript for torch's dynamo exporter, scikit-image for the photos it checks the
 # ONNX masks on against torch) are in requirements-dev.txt: the set CI tests it with. Only this stage has them.
 COPY requirements-dev.txt ./
@@ -88,7 +89,7 @@ COPY . .
 COPY --from=export /app/models-onnx ./models
 # Fail the build, not the first request, when the ONNX files are missing (ONNX=false) or named other than
 # where settings.py looks for them.
-RUN python -c "import settings, sys; missing = [str(p) for p in settings.from_environment().onnx_paths if not p.is_file()]; sys.exit('cpu target: missing ' + ', '.join(missing) + ' (build with ONNX=true)' if missing else 0)"
+RUN python -c "import sys; from sam_backend import settings; missing = [str(p) for p in settings.from_environment().onnx_paths if not p.is_file()]; sys.exit('cpu target: missing ' + ', '.join(missing) + ' (build with ONNX=true)' if missing else 0)"
 USER 10001:10001
 EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \

@@ -36,7 +36,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 weights: $(BIN)/python
-	$(BIN)/python weights.py mobile_sam
+	$(BIN)/python -m tools.weights mobile_sam
 
 ## onnx: export MobileSAM's encoder and decoder (and int8 variants) to models/ for RUN_ONNX_SAM=true
 onnx: install-dev weights
@@ -44,4 +44,4 @@ onnx: install-dev weights
 
 ## bench: latency, memory and RLE numbers on real weights and images; writes artifacts/bench.json
 bench: install-dev weights
-	$(BIN)/python bench.py
+	$(BIN)/python -m tools.bench

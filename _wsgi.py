@@ -9,9 +9,9 @@ import argparse
 import logging
 import sys
 
-from predictor import ModelError
-from server import create_app
-from settings import from_environment, with_options
+from sam_backend.sam.types import ModelError
+from sam_backend.http import create_app
+from sam_backend.settings import from_environment, with_options
 
 
 def _key_value(text: str) -> tuple[str, str]:

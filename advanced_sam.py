@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import sam_transforms
-from predictor import Embedding, ModelError, Prediction, Prompt
+from sam_backend.sam import transforms
+from sam_backend.sam.types import Embedding, ModelError, Prediction, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def build_sam(model_type: str, checkpoint: Path | None, device: torch.device) ->
     model = sam_model_registry[key](checkpoint=None)
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
-        fetch = f"fetch it with `python weights.py {'mobile_sam' if model_type == 'vit_t' else model_type}`"
+        fetch = f"fetch it with `python -m tools.weights {'mobile_sam' if model_type == 'vit_t' else model_type}`"
         if not checkpoint.is_file():
             raise CheckpointError(f"checkpoint {checkpoint} does not exist; {fetch}")
         try:
@@ -99,22 +99,22 @@ class TorchSamPredictor:
 
     @torch.inference_mode()
     def embed(self, image: np.ndarray) -> Embedding:
-        pixels = torch.from_numpy(sam_transforms.preprocess_image(image)).to(self.device)
+        pixels = torch.from_numpy(transforms.preprocess_image(image)).to(self.device)
         features = self.model.image_encoder(pixels)
         return Embedding(features=features.float().cpu().numpy(),
                          original_size=(int(image.shape[0]), int(image.shape[1])),
-                         input_size=sam_transforms.input_size(image.shape[:2]))
+                         input_size=transforms.input_size(image.shape[:2]))
 
     @torch.inference_mode()
     def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
         low_res, iou = self.decode_low_res(embedding, prompt)
-        return sam_transforms.best_prediction(low_res, iou, prompt, embedding)
+        return transforms.best_prediction(low_res, iou, prompt, embedding)
 
     @torch.inference_mode()
     def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
         """All four decoder outputs: (4, 256, 256) float32 logits and (4,) predicted IoUs."""
-        coords, labels = sam_transforms.decoder_points(prompt, embedding.original_size)
-        mask_input, has_mask = sam_transforms.mask_input_of(prompt)
+        coords, labels = transforms.decoder_points(prompt, embedding.original_size)
+        mask_input, has_mask = transforms.mask_input_of(prompt)
         features = torch.from_numpy(embedding.features).to(self.device, torch.float32)
         encoder = self.model.prompt_encoder
         sparse = _sparse_embedding(encoder, torch.from_numpy(coords).to(self.device),

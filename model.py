@@ -1,6 +1,6 @@
 """The Label Studio layer: `/setup` and `/predict` bodies in, Label Studio results out.
 
-Data flows one way: request -> prompt (prompts.py) -> image (images.py) -> embedding (embedding_cache.py,
+Data flows one way: request -> prompt (prompting.py) -> image (images.py) -> embedding (embedding_cache.py,
 predictor) -> mask -> brush RLE result (rle.py). Nothing here knows torch or onnxruntime.
 """
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-import label_config
-import outputs
-import prompts
-import rle
-from embedding_cache import EmbeddingCache, RecentImages
-from images import ImageError, ImageLoader, LabelStudioAccess, redact_url
-from predictor import Embedding, Predictor
-from settings import Settings
+from sam_backend.labelstudio import label_config
+from sam_backend.encoding import outlines
+from sam_backend.labelstudio import prompting
+from sam_backend.encoding import rle
+from sam_backend.cache import EmbeddingCache, RecentImages
+from sam_backend.images import ImageError, ImageLoader, LabelStudioAccess, redact_url
+from sam_backend.sam.types import Embedding, Predictor
+from sam_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,13 @@ class SamModel:
     """Answers Label Studio's calls with one predictor. Thread-safe; holds no per-request state."""
 
     def __init__(self, predictor: Predictor, settings: Settings, images: ImageLoader | None = None,
-                 cache: EmbeddingCache | None = None, memory: prompts.PromptMemory | None = None) -> None:
+                 cache: EmbeddingCache | None = None, memory: prompting.PromptMemory | None = None) -> None:
         self.predictor = predictor
         self.settings = settings
         self.images = images or ImageLoader(settings)
         self.cache = cache or EmbeddingCache(settings.embedding_cache_size, compact=settings.embedding_float16,
                                              max_computing=settings.max_concurrent_embeddings)
-        self.memory = memory or prompts.PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl)
+        self.memory = memory or prompting.PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl)
         self.recent = RecentImages(ttl=settings.image_url_ttl)
         self._projects: OrderedDict[str, LabelStudioAccess] = OrderedDict()
         self._projects_lock = threading.Lock()
@@ -81,7 +81,7 @@ class SamModel:
             params = {}
         if not isinstance(params, Mapping):
             raise RequestError("body.params must be an object or null")
-        regions = prompts.parse_context(params.get("context"), config)
+        regions = prompting.parse_context(params.get("context"), config)
         project = body.get("project")
         if isinstance(project, bool) or not isinstance(project, (str, int, type(None))):
             raise RequestError("body.project must be the project's id (a string or integer) or null")
@@ -97,20 +97,20 @@ class SamModel:
         return {"results": results}
 
     def _interactive(self, task: Mapping, index: int, config: label_config.ProjectConfig,
-                     regions: list[prompts.Region], project: Any, fallback: LabelStudioAccess | None) -> dict:
+                     regions: list[prompting.Region], project: Any, fallback: LabelStudioAccess | None) -> dict:
         image_name = config.prompt_tags[regions[0].group[0]].to_name
         url = _image_url(task, index, config, image_name)
         embedding = self._embedding(url, task, fallback, _image_field(index, config, image_name))
         _check_sizes(regions, embedding.original_size, url)
         task_key = (project, task.get("id"), url)
         remembered = self.memory.exchange(task_key, regions)
-        everything = prompts.combine(regions, remembered, prompts.draft_regions(task, config))
+        everything = prompting.combine(regions, remembered, prompting.draft_regions(task, config))
         call_ids = {r.id for r in regions}
         results = []
         for target in dict.fromkeys(r.target_key for r in regions):
-            of_target = prompts.drop_finished([r for r in everything if r.target_key == target], call_ids,
+            of_target = prompting.drop_finished([r for r in everything if r.target_key == target], call_ids,
                                               embedding.original_size)
-            prompt = prompts.build_prompt(of_target, embedding.original_size, self.settings.max_points)
+            prompt = prompting.build_prompt(of_target, embedding.original_size, self.settings.max_points)
             if prompt is None:
                 continue
             if self.settings.refine_masks:
@@ -124,7 +124,7 @@ class SamModel:
                 continue
             if self.settings.out_mask:
                 results.append(self._brush_result(prediction.mask, prediction.score, of_target[0], image_name))
-            results += outputs.outline_results(prediction.mask, prediction.score, target, image_name, config,
+            results += outlines.outline_results(prediction.mask, prediction.score, target, image_name, config,
                                                self.settings)
         return self._task_result(results)
 
@@ -163,7 +163,7 @@ class SamModel:
         where = _image_field(index, config, image_name)
         self.cache.prewarm(url, lambda: self._embedding(url, task, fallback, where))
 
-    def _brush_result(self, mask: np.ndarray, score: float, region: prompts.Region, image_name: str) -> dict:
+    def _brush_result(self, mask: np.ndarray, score: float, region: prompting.Region, image_name: str) -> dict:
         height, width = mask.shape
         return {
             "id": uuid.uuid4().hex[:10],
@@ -215,7 +215,7 @@ def _image_url(task: Mapping, index: int, config: label_config.ProjectConfig, im
     return data[key]
 
 
-def _check_sizes(regions: list[prompts.Region], size: tuple[int, int], url: str) -> None:
+def _check_sizes(regions: list[prompting.Region], size: tuple[int, int], url: str) -> None:
     """Refuse a context measured on another image than the one the task names."""
     height, width = size
     for region in regions:
@@ -223,6 +223,6 @@ def _check_sizes(regions: list[prompts.Region], size: tuple[int, int], url: str)
             continue
         their_width, their_height = region.original_size
         if abs(their_width - width) > 1 or abs(their_height - height) > 1:
-            raise prompts.ContextError(
+            raise prompting.ContextError(
                 f"region {region.id} was drawn on a {their_width}x{their_height} image, but the task's image "
                 f"{redact_url(url)} is {width}x{height}")

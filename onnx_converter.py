@@ -10,14 +10,14 @@ torch's by IoU < 0.99 (`--min-iou`).
 What is exported:
 
 * encoder: the model's `image_encoder`, input `image` (1, 3, 1024, 1024) float32 = the output of
-  `sam_transforms.preprocess_image`, which is plain NumPy/PIL and documented, so serving needs no torch;
+  `transforms.preprocess_image`, which is plain NumPy/PIL and documented, so serving needs no torch;
   output `image_embeddings` (1, 256, 64, 64).
 * decoder: `SamDecoderOnnx`, exactly what `advanced_sam.TorchSamPredictor.decode_low_res` computes (the same
   `_sparse_embedding`, `mask_downscaling` / `no_mask_embed`, `get_dense_pe` and `mask_decoder.predict_masks`),
   inputs `image_embeddings`, `point_coords` (1, N, 2), `point_labels` (1, N), `mask_input` (1, 1, 256, 256),
   `has_mask_input` (1,), N dynamic; outputs `low_res_masks` (1, 4, 256, 256), `iou_predictions` (1, 4).
   It holds nothing of the image size: scaling prompts in and masks out happens in NumPy
-  (`sam_transforms.decoder_points`, `best_prediction`), so one decoder file serves every image size.
+  (`transforms.decoder_points`, `best_prediction`), so one decoder file serves every image size.
 
 Exporter: the dynamo exporter (`torch.onnx.export(..., dynamo=True)`, torch.export + onnxscript), torch 2.14's
 default. It exports TinyViT, the ViT-B/L/H encoders and the decoder correctly (max abs difference to torch
@@ -57,11 +57,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import sam_transforms
+from sam_backend.sam import transforms
 from advanced_sam import MODEL_TYPES, CheckpointError, TorchSamPredictor, _sparse_embedding, build_sam
 from onnx_sam import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, META_MODEL_TYPE, META_PART,
                       META_QUANTIZATION, META_WEIGHTS, OnnxSamPredictor, open_session)
-from predictor import Embedding, Prompt
+from sam_backend.sam.types import Embedding, Prompt
 
 log = logging.getLogger("onnx_converter")
 
@@ -192,7 +192,7 @@ def export_encoder(model: torch.nn.Module, path: Path, exporter: str = "dynamo",
 
 def model_metadata(model_type: str, checkpoint: Path | None, seed: int = 0) -> dict[str, str]:
     """What the converter stamps into its files, so that onnx_sam refuses an encoder and decoder that differ."""
-    from weights import sha256_of
+    from tools.weights import sha256_of
 
     weights = f"random-{seed}" if checkpoint is None else sha256_of(Path(checkpoint))[:16]
     return {META_MODEL_TYPE: model_type, META_WEIGHTS: weights}

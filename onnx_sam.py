@@ -3,7 +3,7 @@
 Two files, built by `onnx_converter.py` from a checkpoint:
 
 * `<model_type>.encoder.onnx`: input `image` (1, 3, 1024, 1024) float32, the output of
-  `sam_transforms.preprocess_image`; output `image_embeddings` (1, 256, 64, 64) float32.
+  `transforms.preprocess_image`; output `image_embeddings` (1, 256, 64, 64) float32.
 * `<model_type>.decoder.onnx`: inputs `image_embeddings` (1, 256, 64, 64), `point_coords` (1, N, 2) in the
   1024-frame, `point_labels` (1, N) (-1 padding, 0/1 clicks, 2/3 box corners), `mask_input` (1, 1, 256, 256),
   `has_mask_input` (1,), all float32, N dynamic; outputs `low_res_masks` (1, 4, 256, 256) and
@@ -26,24 +26,24 @@ from typing import Protocol, Sequence
 import numpy as np
 import onnxruntime as ort
 
-import sam_transforms
-from predictor import Embedding, ModelError, Prediction, Prompt
+from sam_backend.sam import transforms
+from sam_backend.sam.types import Embedding, ModelError, Prediction, Prompt
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_SHAPE = (1, 256, 64, 64)
 
 #: name -> shape of what each model takes and gives; None marks a dynamic dimension.
-ENCODER_INPUTS = {"image": (1, 3, sam_transforms.IMAGE_SIZE, sam_transforms.IMAGE_SIZE)}
+ENCODER_INPUTS = {"image": (1, 3, transforms.IMAGE_SIZE, transforms.IMAGE_SIZE)}
 ENCODER_OUTPUTS = {"image_embeddings": EMBEDDING_SHAPE}
 DECODER_INPUTS = {
     "image_embeddings": EMBEDDING_SHAPE,
     "point_coords": (1, None, 2),
     "point_labels": (1, None),
-    "mask_input": (1, 1, sam_transforms.LOW_RES, sam_transforms.LOW_RES),
+    "mask_input": (1, 1, transforms.LOW_RES, transforms.LOW_RES),
     "has_mask_input": (1,),
 }
-DECODER_OUTPUTS = {"low_res_masks": (1, 4, sam_transforms.LOW_RES, sam_transforms.LOW_RES),
+DECODER_OUTPUTS = {"low_res_masks": (1, 4, transforms.LOW_RES, transforms.LOW_RES),
                    "iou_predictions": (1, 4)}
 
 
@@ -207,22 +207,22 @@ class OnnxSamPredictor:
     def embed(self, image: np.ndarray) -> Embedding:
         if not isinstance(self.encoder, ort.InferenceSession):
             return self.encoder.embed(image)
-        pixels = sam_transforms.preprocess_image(image)
+        pixels = transforms.preprocess_image(image)
         (features,) = self.encoder.run(["image_embeddings"], {"image": pixels})
         return Embedding(features=np.asarray(features, dtype=np.float32),
                          original_size=(int(image.shape[0]), int(image.shape[1])),
-                         input_size=sam_transforms.input_size(image.shape[:2]))
+                         input_size=transforms.input_size(image.shape[:2]))
 
     def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
         low_res, iou = self.decode_low_res(embedding, prompt)
-        return sam_transforms.best_prediction(low_res, iou, prompt, embedding)
+        return transforms.best_prediction(low_res, iou, prompt, embedding)
 
     def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
         """All four decoder outputs: (4, 256, 256) float32 logits and (4,) predicted IoUs."""
         if tuple(embedding.features.shape) != EMBEDDING_SHAPE:
             raise ValueError(f"embedding features have shape {embedding.features.shape}, expected {EMBEDDING_SHAPE}")
-        coords, labels = sam_transforms.decoder_points(prompt, embedding.original_size)
-        mask_input, has_mask = sam_transforms.mask_input_of(prompt)
+        coords, labels = transforms.decoder_points(prompt, embedding.original_size)
+        mask_input, has_mask = transforms.mask_input_of(prompt)
         low_res, iou = self.decoder.run(["low_res_masks", "iou_predictions"], {
             "image_embeddings": np.ascontiguousarray(embedding.features, dtype=np.float32),
             "point_coords": coords,

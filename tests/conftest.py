@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 # Two cores: one torch thread per test process keeps the suite's timing stable beside Label Studio.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -17,7 +16,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 @pytest.fixture(scope="session")
 def mobile_sam_checkpoint() -> Path:
     """The real, sha256-verified MobileSAM checkpoint (fetched once if missing)."""
-    import weights
+    from tools import weights
 
     return weights.fetch("mobile_sam")
 
@@ -110,7 +109,7 @@ def fake_label_studio():
 
 @pytest.fixture(scope="session")
 def base_settings(fake_label_studio, mobile_sam_checkpoint):
-    from settings import Settings
+    from sam_backend.settings import Settings
 
     # Refinement off: each answer is then a pure function of its prompt, which the tests recompute.
     return Settings(label_studio_url=fake_label_studio.url, label_studio_api_key=LS_TOKEN,
@@ -120,7 +119,7 @@ def base_settings(fake_label_studio, mobile_sam_checkpoint):
 @pytest.fixture(scope="session")
 def live_backend(base_settings, torch_predictor):
     """The backend with MobileSAM on torch, over real HTTP, sharing the session's predictor."""
-    from server import create_app
+    from sam_backend.http import create_app
 
     server = LiveServer(create_app(base_settings, predictor=torch_predictor))
     yield server
@@ -128,7 +127,7 @@ def live_backend(base_settings, torch_predictor):
 
 
 def make_live_backend(settings, predictor, **changes) -> LiveServer:
-    from server import create_app
+    from sam_backend.http import create_app
 
     return LiveServer(create_app(replace(settings, **changes), predictor=predictor))
 

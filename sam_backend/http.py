@@ -1,0 +1,180 @@
+"""The HTTP side: a Flask application factory speaking Label Studio's ML backend protocol.
+
+Routes: `GET /` and `GET /health`, `POST /setup`, `POST /predict`, `POST /webhook`, `GET /metrics`.
+Every error is a JSON body `{"error": ...}`: 4xx for what the caller sent, 5xx (without a traceback; the
+traceback goes to the log) for our own faults.
+"""
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from sam_backend.sam import loading
+from sam_backend.images import ImageError
+from sam_backend.labelstudio.label_config import ConfigError
+from model import RequestError, SamModel
+from sam_backend.labelstudio.prompting import ContextError
+from sam_backend.settings import Settings, from_environment
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    """Request counts and latencies, per route. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._routes: dict[str, dict[str, float]] = {}
+        self.started = time.time()
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        with self._lock:
+            entry = self._routes.setdefault(route, {"count": 0, "errors": 0, "seconds_total": 0.0,
+                                                    "seconds_max": 0.0})
+            entry["count"] += 1
+            entry["errors"] += status >= 400
+            entry["seconds_total"] += seconds
+            entry["seconds_max"] = max(entry["seconds_max"], seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {route: dict(values) for route, values in self._routes.items()}
+
+
+def create_app(settings: Settings | None = None, predictor: Predictor | None = None) -> Flask:
+    """Build the app. Loads the model now (once per process), unless a `predictor` is handed in."""
+    settings = settings or from_environment()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # urllib3 logs each request's full URL at DEBUG, query included (presigned signatures, tokens); images.py logs
+    # its fetches itself, redacted.
+    urllib3_log = logging.getLogger("urllib3")
+    urllib3_log.setLevel(max(urllib3_log.level, logging.INFO))
+    started = time.monotonic()
+    predictor = predictor or loading.load(settings)
+    log.info("model %s ready in %.1f s", predictor.model_version, time.monotonic() - started)
+    model = SamModel(predictor, settings)
+    metrics = Metrics()
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
+    app.json.sort_keys = False
+    app.extensions["sam_model"] = model
+
+    @app.before_request
+    def _authenticate_and_time():
+        g.started = time.perf_counter()
+        if settings.basic_auth_user and not _authorized(settings):
+            return Response(response='{"error": "authentication required"}', status=401,
+                            mimetype="application/json",
+                            headers={"WWW-Authenticate": 'Basic realm="sam-backend"'})
+        return None
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        if request.url_rule is not None:
+            metrics.observe(request.url_rule.rule, response.status_code, time.perf_counter() - g.started)
+        return response
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return jsonify(status="UP", model_class=type(predictor).__name__, model_loaded=True,
+                       model_version=model.model_version)
+
+    @app.post("/setup")
+    def setup():
+        return jsonify(model.setup(_json_body()))
+
+    @app.post("/predict")
+    def predict():
+        return jsonify(model.predict(_json_body()))
+
+    @app.post("/webhook")
+    def webhook():
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:  # silent=True only silences ValueError
+            body = None
+        action = body.get("action") if isinstance(body, dict) else None
+        if not isinstance(action, str):  # echo event names only: not NaN (no JSON) or a whole payload
+            action = None
+        log.debug("webhook %s", action)
+        return jsonify(status="ok", action=action), 200
+
+    @app.get("/metrics")
+    def metrics_route():
+        return jsonify(model_version=model.model_version, uptime_seconds=round(time.time() - metrics.started, 1),
+                       routes=metrics.snapshot(),
+                       embedding_cache={"items": len(model.cache), "bytes": model.cache.nbytes,
+                                        "hits": model.cache.hits, "misses": model.cache.misses})
+
+    @app.errorhandler(RequestError)
+    @app.errorhandler(ContextError)
+    def _bad_request(error: ValueError):
+        return jsonify(error=str(error)), 400
+
+    @app.errorhandler(ConfigError)
+    def _bad_config(error: ConfigError):
+        return jsonify(error=str(error)), 422
+
+    @app.errorhandler(ImageError)
+    def _image_error(error: ImageError):
+        return jsonify(error=error.message), error.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException):
+        return jsonify(error=f"{error.name}: {error.description}"), error.code
+
+    @app.errorhandler(Exception)
+    def _server_error(error: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(error=f"internal error ({type(error).__name__}); see the backend's log"), 500
+
+    return app
+
+
+def _json_body() -> Any:
+    data = request.get_data(cache=True)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        # A body without Content-Length (chunked) is cut at MAX_CONTENT_LENGTH by werkzeug, not refused: a body
+        # that fills the limit is taken as one that went past it.
+        raise RequestEntityTooLarge()
+    if not data.strip():
+        raise RequestError("the request body is empty; send a JSON object")
+    try:
+        return json.loads(data)
+    except RecursionError:  # the C decoder's recursion guard: not a ValueError, and no server fault
+        raise RequestError("the request body is nested too deeply to be read") from None
+    except ValueError as error:  # JSONDecodeError (with line and column), UnicodeDecodeError, too many digits
+        raise RequestError(f"the request body is not valid JSON: {error}") from None
+
+
+def _authorized(settings: Settings) -> bool:
+    scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "basic":  # auth schemes are case-insensitive (RFC 9110)
+        return False
+    try:
+        user, _, password = base64.b64decode(credentials.strip(), validate=True).partition(b":")
+    except ValueError:
+        return False
+    # Label Studio calls the backend with python-requests, which encodes Basic credentials as Latin-1; browsers
+    # and curl send UTF-8. Either encoding of the configured credentials is accepted.
+    matches = []
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            expected_user = settings.basic_auth_user.encode(encoding)
+            expected_pass = settings.basic_auth_pass.encode(encoding)
+        except UnicodeEncodeError:
+            continue
+        matches.append(hmac.compare_digest(user, expected_user) & hmac.compare_digest(password, expected_pass))
+    return any(matches)

@@ -1,0 +1,37 @@
+"""Which predictor to serve: the one place that picks `advanced_sam` (torch) or `onnx_sam` (ONNX Runtime).
+
+The predictors live at the top level (the design card names them), so this is the library's one upward import,
+and a lazy one: an ONNX-only install never imports torch.
+"""
+from __future__ import annotations
+
+from sam_backend.sam.types import Predictor
+
+
+def load(settings) -> Predictor:
+    """The predictor `settings` (a `settings.Settings`) ask for, loaded once; raises on a missing model.
+
+    Imports torch only for the torch predictor, so an ONNX-only install never needs it.
+    """
+    from tools.weights import sha256_of
+
+    if settings.run_onnx_sam:
+        from onnx_sam import OnnxSamPredictor
+
+        encoder, decoder = settings.onnx_paths
+        version = f"{settings.model_name}-onnx-{_short_digest(decoder, sha256_of)}"
+        return OnnxSamPredictor.load(encoder, decoder, model_version=version, threads=settings.ort_threads)
+    import torch
+
+    from advanced_sam import TorchSamPredictor
+
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    version = f"{settings.model_name}-{_short_digest(settings.checkpoint, sha256_of)}"
+    return TorchSamPredictor.load(settings.model_type, settings.checkpoint, settings.device, model_version=version)
+
+
+def _short_digest(path, sha256_of) -> str:
+    from pathlib import Path
+
+    return sha256_of(Path(path))[:8] if Path(path).is_file() else "missing"

@@ -1,0 +1,97 @@
+"""SAM's image and prompt geometry in NumPy, shared by the torch and the ONNX predictor.
+
+This is what `segment_anything.utils.transforms.ResizeLongestSide` and `Sam.preprocess` /
+`Sam.postprocess_masks` do, without torch, so that both predictors feed their models the same numbers and a
+torch-free server needs nothing of torch. The ONNX image encoder takes the output of `preprocess_image`.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from sam_backend.sam.types import Embedding, Prediction, Prompt
+
+IMAGE_SIZE = 1024  # side of the square the image encoder sees
+LOW_RES = 256  # side of the decoder's mask logits
+PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
+PIXEL_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+MASK_THRESHOLD = 0.0
+
+
+def input_size(original_size: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of an image of `original_size` (H, W) once its longest side is scaled to 1024."""
+    height, width = original_size
+    scale = IMAGE_SIZE / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def preprocess_image(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (1, 3, 1024, 1024) float32: resized, normalised, zero-padded bottom/right.
+
+    Resizing uses PIL's bilinear filter, as `ResizeLongestSide.apply_image` does through torchvision.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    height, width = input_size(image.shape[:2])
+    resized = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR), dtype=np.float32)
+    normalised = (resized - PIXEL_MEAN) / PIXEL_STD
+    padded = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    padded[:height, :width] = normalised
+    return np.ascontiguousarray(padded.transpose(2, 0, 1)[None])
+
+
+def decoder_points(prompt: Prompt, original_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Points and box of `prompt` as the SAM decoder takes them.
+
+    Returns coords (1, N', 2) float32 in the 1024-frame and labels (1, N') float32, where a box adds its two
+    corners with labels 2 and 3 and, without a box, a padding point with label -1 is added (exactly what
+    `PromptEncoder` does with `pad=True`, and what SAM's ONNX decoder expects).
+    """
+    height, width = original_size
+    scale = np.array([input_size(original_size)[1] / width, input_size(original_size)[0] / height],
+                     dtype=np.float32)
+    coords = [np.asarray(prompt.points, dtype=np.float32).reshape(-1, 2)]
+    labels = [np.asarray(prompt.labels, dtype=np.float32).reshape(-1)]
+    if prompt.box is not None:
+        coords.append(np.asarray(prompt.box, dtype=np.float32).reshape(2, 2))
+        labels.append(np.array([2, 3], dtype=np.float32))
+    else:
+        coords.append(np.zeros((1, 2), dtype=np.float32))
+        labels.append(np.array([-1], dtype=np.float32))
+    all_coords = np.concatenate(coords) * scale
+    all_coords[np.concatenate(labels) == -1] = 0.0
+    return all_coords[None].astype(np.float32), np.concatenate(labels)[None].astype(np.float32)
+
+
+def mask_input_of(prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
+    """(1, 1, 256, 256) float32 mask logits and (1,) float32 flag saying whether they are used."""
+    if prompt.mask_input is None:
+        return np.zeros((1, 1, LOW_RES, LOW_RES), dtype=np.float32), np.zeros(1, dtype=np.float32)
+    return prompt.mask_input.reshape(1, 1, LOW_RES, LOW_RES).astype(np.float32), np.ones(1, dtype=np.float32)
+
+
+def best_prediction(low_res: np.ndarray, iou: np.ndarray, prompt: Prompt, embedding: Embedding) -> Prediction:
+    """Pick SAM's mask for `prompt` from the decoder's four outputs and scale it to the original image.
+
+    low_res: (4, 256, 256) float32 logits; iou: (4,) predicted IoUs. Index 0 is the single-mask output;
+    1..3 are the multimask outputs, used for a lone click, where the best predicted IoU wins.
+    """
+    if prompt.is_single_click:
+        index = 1 + int(np.argmax(iou[1:]))
+    else:
+        index = 0
+    logits = low_res[index]
+    mask = upscale_logits(logits, embedding.input_size, embedding.original_size) > MASK_THRESHOLD
+    return Prediction(mask=mask, score=float(iou[index]), low_res_logits=logits[None].astype(np.float32))
+
+
+def upscale_logits(logits: np.ndarray, in_size: tuple[int, int], original_size: tuple[int, int]) -> np.ndarray:
+    """(256, 256) logits -> (H, W) logits: to 1024x1024, crop the padding, then to the original size.
+
+    Bilinear with half-pixel centres, as `Sam.postprocess_masks` (`align_corners=False`).
+    """
+    full = cv2.resize(logits.astype(np.float32), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
+    cropped = full[: in_size[0], : in_size[1]]
+    height, width = original_size
+    return cv2.resize(np.ascontiguousarray(cropped), (width, height), interpolation=cv2.INTER_LINEAR)

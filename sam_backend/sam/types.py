@@ -1,0 +1,88 @@
+"""The one interface every SAM predictor offers: embed an image, decode prompts into a mask.
+
+Both predictors (`advanced_sam.TorchSamPredictor`, `onnx_sam.OnnxSamPredictor`) are stateless after
+construction: an `Embedding` is a value handed back to the caller, never stored on the predictor, so one
+predictor serves any number of threads and images at once.
+
+Geometry shared by both predictors lives in `sam_transforms`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+class ModelError(RuntimeError):
+    """A model file is missing or unusable; the message names the file and how to get a good one."""
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """The image encoder's output for one image.
+
+    features: (1, 256, 64, 64) float32 or float16, the SAM image embedding.
+    original_size: (H, W) of the image in pixels, as the user sees it (EXIF orientation applied).
+    input_size: (h, w) of the image after resizing its longest side to 1024, before padding.
+    """
+
+    features: np.ndarray
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.features.nbytes)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the user asked for, in pixels of the original image.
+
+    points: (N, 2) float32 x, y; N may be 0.
+    labels: (N,) int32, 1 for a positive click, 0 for a negative one.
+    box: (4,) float32 x0, y0, x1, y1, or None.
+    mask_input: (1, 256, 256) float32 low-resolution logits of an earlier prediction of the same object,
+        or None (SAM's interactive refinement input).
+    """
+
+    points: np.ndarray
+    labels: np.ndarray
+    box: np.ndarray | None = None
+    mask_input: np.ndarray | None = None
+
+    @property
+    def is_single_click(self) -> bool:
+        """One point and nothing else: ambiguous, so SAM's three-mask output is used."""
+        return len(self.points) == 1 and self.box is None and self.mask_input is None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One mask for one prompt.
+
+    mask: (H, W) bool, in the original image's pixels.
+    score: SAM's predicted IoU of the mask, 0..1.
+    low_res_logits: (1, 256, 256) float32, to feed back as `Prompt.mask_input`.
+    """
+
+    mask: np.ndarray
+    score: float
+    low_res_logits: np.ndarray
+
+
+class Predictor(Protocol):
+    """A loaded SAM model. Implementations must be safe to call from many threads at once."""
+
+    #: Names the weights, e.g. "MobileSAM-6dbb9052"; shown to Label Studio as model_version.
+    model_version: str
+
+    def embed(self, image: np.ndarray) -> Embedding:
+        """Encode an (H, W, 3) uint8 RGB image. Slow: about 1-2 s for MobileSAM on a laptop CPU."""
+        ...
+
+    def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
+        """Turn a prompt on an embedded image into its best mask. Fast: tens of milliseconds."""
+        ...
+

@@ -1,0 +1,220 @@
+"""Every setting of the backend, read once from the environment (and `--with key=value` options).
+
+Environment variable names follow the seed project (`RUN_ONNX_SAM`, `SAM_CHOICE`, `MOBILESAM_CHECKPOINT`,
+`VITH_CHECKPOINT`) and Label Studio's ML backends (`LABEL_STUDIO_URL`, `LABEL_STUDIO_API_KEY`,
+`LOCAL_FILES_DOCUMENT_ROOT`, `BASIC_AUTH_USER`/`BASIC_AUTH_PASS`). The `--with` keys of the OpenMMLab seed
+(`sam_config`, `sam_checkpoint_file`, `device`, `out_mask`, `out_bbox`, `out_poly`, `onnx`) map onto them in
+`WITH_OPTIONS`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Mapping
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository (or the image's /app)
+MODELS_DIR = ROOT / "models"
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off", ""}
+
+
+def parse_bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in TRUE:
+        return True
+    if lowered in FALSE:
+        return False
+    raise ValueError(f"{name}={value!r} is not a boolean (use true or false)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Model
+    sam_choice: str = "MobileSAM"  # SAM_CHOICE: MobileSAM | SAM
+    sam_model_type: str = "vit_h"  # SAM_MODEL_TYPE (--with sam_config): vit_b | vit_l | vit_h, for SAM_CHOICE=SAM
+    mobilesam_checkpoint: Path = MODELS_DIR / "mobile_sam.pt"  # MOBILESAM_CHECKPOINT
+    vith_checkpoint: Path = MODELS_DIR / "sam_vit_h_4b8939.pth"  # VITH_CHECKPOINT
+    sam_checkpoint: Path | None = None  # SAM_CHECKPOINT (--with sam_checkpoint_file): overrides both above
+    device: str = "auto"  # DEVICE: auto | cpu | cuda | cuda:N
+    run_onnx_sam: bool = False  # RUN_ONNX_SAM
+    onnx_encoder: Path | None = None  # ONNX_ENCODER_PATH; default models/<model>.encoder.onnx
+    onnx_decoder: Path | None = None  # ONNX_DECODER_PATH; default models/<model>.decoder.onnx
+    torch_threads: int = 0  # TORCH_NUM_THREADS; 0 = torch's default
+    ort_threads: int = 0  # ORT_NUM_THREADS; 0 = onnxruntime's default
+    # Label Studio
+    label_studio_url: str = ""  # LABEL_STUDIO_URL
+    label_studio_api_key: str = field(default="", repr=False)  # LABEL_STUDIO_API_KEY: legacy token or PAT
+    local_files_root: Path | None = None  # LOCAL_FILES_DOCUMENT_ROOT
+    # Images
+    image_timeout: float = 30.0  # IMAGE_TIMEOUT seconds
+    image_url_ttl: float = 600.0  # IMAGE_URL_TTL: seconds a URL is taken to hold the image it held (0: always fetch)
+    max_image_bytes: int = 64 << 20  # MAX_IMAGE_BYTES
+    max_image_pixels: int = 100_000_000  # MAX_IMAGE_PIXELS
+    allowed_hosts: tuple[str, ...] = ()  # ALLOWED_IMAGE_HOSTS: comma list; empty = Label Studio + public
+    allow_private_hosts: bool = False  # ALLOW_PRIVATE_IMAGE_HOSTS
+    # Caches and memory of earlier calls
+    embedding_cache_size: int = 32  # EMBEDDING_CACHE_SIZE (images)
+    max_concurrent_embeddings: int = 1  # MAX_CONCURRENT_EMBEDDINGS: encoder runs at once (each uses every core)
+    embedding_float16: bool = True  # EMBEDDING_FLOAT16: cache embeddings as float16 (2 MB instead of 4 MB each)
+    prompt_memory_size: int = 1024  # PROMPT_MEMORY_SIZE (task, class) entries
+    prompt_memory_ttl: float = 3600.0  # PROMPT_MEMORY_TTL seconds
+    refine_masks: bool = True  # REFINE_MASKS: feed the previous mask of the object back to SAM with each new click
+    # Outputs
+    out_mask: bool = True  # OUT_MASK (--with out_mask)
+    out_bbox: bool = False  # OUT_BBOX (--with out_bbox)
+    out_poly: bool = False  # OUT_POLY (--with out_poly)
+    polygon_tolerance: float = 1.0  # POLYGON_TOLERANCE: polygon simplification in pixels (0 = exact pixel border)
+    polygon_min_area: int = 16  # POLYGON_MIN_AREA: mask parts of fewer pixels get no polygon
+    # Server
+    basic_auth_user: str = ""  # BASIC_AUTH_USER
+    basic_auth_pass: str = field(default="", repr=False)  # BASIC_AUTH_PASS
+    max_content_length: int = 16 << 20  # MAX_CONTENT_LENGTH bytes of a request body
+    max_points: int = 256  # MAX_POINTS per prompt
+    log_level: str = "INFO"  # LOG_LEVEL
+
+    @property
+    def model_name(self) -> str:
+        return "MobileSAM" if self.model_type == "vit_t" else f"SAM-{self.model_type}"
+
+    @property
+    def model_type(self) -> str:
+        return "vit_t" if self.sam_choice.lower() == "mobilesam" else self.sam_model_type
+
+    @property
+    def checkpoint(self) -> Path:
+        if self.sam_checkpoint is not None:
+            return self.sam_checkpoint
+        if self.model_type == "vit_t":
+            return self.mobilesam_checkpoint
+        if self.model_type == "vit_h":
+            return self.vith_checkpoint
+        return MODELS_DIR / {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth"}[self.model_type]
+
+    @property
+    def onnx_paths(self) -> tuple[Path, Path]:
+        stem = MODELS_DIR / self.model_type
+        return (self.onnx_encoder or stem.with_suffix(".encoder.onnx"),
+                self.onnx_decoder or stem.with_suffix(".decoder.onnx"))
+
+
+#: environment variable -> Settings field
+ENVIRONMENT = {
+    "SAM_CHOICE": "sam_choice",
+    "SAM_MODEL_TYPE": "sam_model_type",
+    "MOBILESAM_CHECKPOINT": "mobilesam_checkpoint",
+    "VITH_CHECKPOINT": "vith_checkpoint",
+    "SAM_CHECKPOINT": "sam_checkpoint",
+    "DEVICE": "device",
+    "RUN_ONNX_SAM": "run_onnx_sam",
+    "ONNX_ENCODER_PATH": "onnx_encoder",
+    "ONNX_DECODER_PATH": "onnx_decoder",
+    "TORCH_NUM_THREADS": "torch_threads",
+    "ORT_NUM_THREADS": "ort_threads",
+    "LABEL_STUDIO_URL": "label_studio_url",
+    "LABEL_STUDIO_API_KEY": "label_studio_api_key",
+    "LOCAL_FILES_DOCUMENT_ROOT": "local_files_root",
+    "IMAGE_TIMEOUT": "image_timeout",
+    "IMAGE_URL_TTL": "image_url_ttl",
+    "MAX_IMAGE_BYTES": "max_image_bytes",
+    "MAX_IMAGE_PIXELS": "max_image_pixels",
+    "ALLOWED_IMAGE_HOSTS": "allowed_hosts",
+    "ALLOW_PRIVATE_IMAGE_HOSTS": "allow_private_hosts",
+    "EMBEDDING_CACHE_SIZE": "embedding_cache_size",
+    "EMBEDDING_FLOAT16": "embedding_float16",
+    "MAX_CONCURRENT_EMBEDDINGS": "max_concurrent_embeddings",
+    "PROMPT_MEMORY_SIZE": "prompt_memory_size",
+    "PROMPT_MEMORY_TTL": "prompt_memory_ttl",
+    "REFINE_MASKS": "refine_masks",
+    "OUT_MASK": "out_mask",
+    "OUT_BBOX": "out_bbox",
+    "OUT_POLY": "out_poly",
+    "POLYGON_TOLERANCE": "polygon_tolerance",
+    "POLYGON_MIN_AREA": "polygon_min_area",
+    "BASIC_AUTH_USER": "basic_auth_user",
+    "BASIC_AUTH_PASS": "basic_auth_pass",
+    "MAX_CONTENT_LENGTH": "max_content_length",
+    "MAX_POINTS": "max_points",
+    "LOG_LEVEL": "log_level",
+}
+
+#: `--with` keys of the seeds -> environment variable
+WITH_OPTIONS = {
+    "sam_config": "SAM_MODEL_TYPE",
+    "sam_checkpoint_file": "SAM_CHECKPOINT",
+    "device": "DEVICE",
+    "out_mask": "OUT_MASK",
+    "out_bbox": "OUT_BBOX",
+    "out_poly": "OUT_POLY",
+    "onnx": "RUN_ONNX_SAM",
+    "sam_choice": "SAM_CHOICE",
+}
+
+
+def _convert(name: str, kind: str, raw: str):
+    if kind.startswith("bool"):
+        return parse_bool(name, raw)
+    if kind.startswith("int"):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a whole number") from None
+    if kind.startswith("float"):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a number") from None
+    if kind.startswith("tuple"):
+        return tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+    if "Path" in kind:
+        return Path(raw).expanduser() if raw else None
+    return raw
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from `environ` (default: os.environ); unknown variables are ignored, bad values raise."""
+    environ = os.environ if environ is None else environ
+    kinds = {f.name: str(f.type) for f in fields(Settings)}
+    values = {}
+    for variable, name in ENVIRONMENT.items():
+        if variable in environ:
+            value = _convert(variable, kinds[name], environ[variable])
+            if value is not None:
+                values[name] = value
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    if settings.sam_choice.lower() not in {"mobilesam", "sam"}:
+        raise ValueError(f"SAM_CHOICE={settings.sam_choice!r}: use MobileSAM or SAM")
+    if settings.model_type not in {"vit_t", "vit_b", "vit_l", "vit_h"}:
+        raise ValueError(f"SAM_MODEL_TYPE={settings.sam_model_type!r}: use vit_b, vit_l or vit_h")
+    if settings.embedding_cache_size < 1:
+        raise ValueError("EMBEDDING_CACHE_SIZE must be at least 1")
+    if settings.max_concurrent_embeddings < 1:
+        raise ValueError("MAX_CONCURRENT_EMBEDDINGS must be at least 1")
+    if not settings.polygon_tolerance >= 0:  # also refuses NaN
+        raise ValueError(f"POLYGON_TOLERANCE={settings.polygon_tolerance}: use 0 or more pixels")
+    if bool(settings.basic_auth_user) != bool(settings.basic_auth_pass):
+        raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+
+
+def with_options(settings: Settings, options: Mapping[str, str]) -> Settings:
+    """Apply the seeds' `--with key=value` options on top of `settings`."""
+    unknown = sorted(set(options) - set(WITH_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown --with option(s) {unknown}; known: {sorted(WITH_OPTIONS)}")
+    environ = {WITH_OPTIONS[key]: value for key, value in options.items()}
+    if "sam_config" in options:
+        # The OpenMMLab seed names a SAM model by its config; vit_t means MobileSAM.
+        environ["SAM_CHOICE"] = "MobileSAM" if options["sam_config"] == "vit_t" else "SAM"
+        if options["sam_config"] == "vit_t":
+            environ.pop("SAM_MODEL_TYPE")
+    overrides = from_environment(environ)
+    changed = {name: getattr(overrides, name) for name in (ENVIRONMENT[v] for v in environ)}
+    result = replace(settings, **changed)
+    validate(result)
+    return result

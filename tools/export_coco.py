@@ -1,0 +1,283 @@
+"""Label Studio JSON export -> COCO instance segmentation JSON, brush masks as COCO compressed RLE.
+
+    python -m tools.export_coco export.json -o coco.json [--polygons polygon|rle] [--predictions] [--latest]
+                          [--image-key image] [--alpha-threshold 128]
+
+Input: what Label Studio's "Export -> JSON" gives, a list of tasks, each with `data` (the image URL under
+`--image-key`, default: `image`, else the task's only string value) and `annotations[].result` holding
+`brushlabels` regions (Label Studio brush RLE, decoded with rle.py) and `polygonlabels` regions (points in
+percent of the image). Other region types (keypoints, rectangles, choices...) are counted and skipped.
+`--predictions` reads `predictions[].result` instead (e.g. what this backend pre-annotated, with scores).
+
+Output (COCO, https://cocodataset.org/#format-data):
+
+* images: id = the task id, width / height from the regions' original_width / original_height, file_name =
+  the last path segment of the image URL (`coco_url` keeps the whole value). A task without regions gets
+  an image entry only when its size is known, which it is not from the export alone, so it is left out;
+* categories: every brush and polygon label, sorted by name, ids from 1;
+* annotations: one per region (a brush region is one instance even when its mask has several parts),
+  iscrowd 0, bbox [x, y, w, h] and area in pixels; with --predictions the region's (else the
+  prediction's) score is kept as `score` (annotations are ground truth: an accepted suggestion's score is
+  dropped).
+  - brush: segmentation = {"size": [h, w], "counts": "..."}, COCO compressed RLE (column-major runs,
+    starting with background, as pycocotools' `encode` writes it) of the pixels whose alpha is at least
+    --alpha-threshold (this backend writes 0 / 255; strokes painted in the browser may have soft edges);
+    area = pixel count, bbox = the pixels' tight box;
+  - polygon: with --polygons polygon (default) segmentation = [[x1, y1, x2, y2, ...]] in pixels (exact),
+    area by the shoelace formula, bbox from the points; with --polygons rle the polygon is rasterised
+    (pixel centres inside, as outlines.rasterise) and stored like a brush mask.
+
+Several annotations of one task are all exported (each annotator's objects) unless --latest keeps only the
+task's last one; cancelled (skipped) annotations are left out.
+
+Compressed RLE is implemented here (`rle_encode` / `rle_decode`, `compress_counts` / `decompress_counts`),
+so pycocotools is not needed; tests/test_export_coco.py checks it against pycocotools when that is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+
+from sam_backend.encoding import outlines
+from sam_backend.encoding import rle
+
+SEGMENT_TYPES = ("brushlabels", "polygonlabels")
+
+
+# ---- COCO compressed RLE ---------------------------------------------------------------------------------
+def rle_counts(mask: np.ndarray) -> list[int]:
+    """Run lengths of the mask in column-major order, alternating background / object, background first
+    (so the first count is 0 when the top-left pixel is set)."""
+    flat = np.asarray(mask, bool).ravel(order="F")
+    if flat.size == 0:
+        return []
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    return ([0] + counts) if flat[0] else counts
+
+
+def compress_counts(counts: Iterable[int]) -> str:
+    """pycocotools' string form of RLE counts: each count from the third on is stored as its difference to
+    the count two before; each number as little-endian 5-bit groups with a sign bit (0x10) in the last group,
+    0x20 marking "more groups follow", each group + 48 as one ASCII character."""
+    counts = list(counts)
+    chars = []
+    for index, count in enumerate(counts):
+        value = int(count) - (int(counts[index - 2]) if index > 2 else 0)
+        more = True
+        while more:
+            group = value & 0x1F
+            value >>= 5  # arithmetic shift: negative values end at -1
+            more = value != -1 if group & 0x10 else value != 0
+            chars.append(chr(group + 48 + (0x20 if more else 0)))
+    return "".join(chars)
+
+
+def decompress_counts(text: str) -> list[int]:
+    """Inverse of `compress_counts`."""
+    counts: list[int] = []
+    position = 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(text):
+                raise ValueError("COCO RLE string ends inside a number")
+            group = ord(text[position]) - 48
+            if not 0 <= group < 64:
+                raise ValueError(f"character {text[position]!r} is not COCO RLE")
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            position += 1
+            shift += 5
+            if not more and group & 0x10:
+                value |= -1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """(H, W) mask -> {"size": [H, W], "counts": str}, as pycocotools.mask.encode (decoded to str) gives."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": compress_counts(rle_counts(mask))}
+
+
+def rle_decode(segmentation: Mapping[str, Any]) -> np.ndarray:
+    """{"size": [H, W], "counts": str or list of ints} -> (H, W) bool."""
+    height, width = (int(v) for v in segmentation["size"])
+    counts = segmentation["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    counts = decompress_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
+    if any(c < 0 for c in counts) or sum(counts) != height * width:
+        raise ValueError(f"RLE counts cover {sum(counts)} pixels, a {height}x{width} mask has {height * width}")
+    values = np.arange(len(counts)) % 2 == 1
+    return np.repeat(values, counts).reshape((height, width), order="F")
+
+
+def _mask_bbox(mask: np.ndarray) -> list[int]:
+    box = outlines.bounding_box(mask)
+    if box is None:
+        return [0, 0, 0, 0]
+    x0, y0, x1, y1 = box
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+# ---- Label Studio export -> COCO ---------------------------------------------------------------------
+class ExportError(ValueError):
+    """The input is not a Label Studio JSON export this converter understands."""
+
+
+def _image_value(task: Mapping, image_key: str | None) -> str:
+    data = task.get("data")
+    if not isinstance(data, Mapping):
+        raise ExportError(f"task {task.get('id')}: no data object")
+    if image_key is not None:
+        value = data.get(image_key)
+    else:
+        value = data.get("image")
+        if value is None:
+            strings = [v for v in data.values() if isinstance(v, str)]
+            value = strings[0] if len(strings) == 1 else None
+    if not isinstance(value, str) or not value:
+        raise ExportError(f"task {task.get('id')}: data has no image URL (name its key with --image-key)")
+    return value
+
+
+def _file_name(url: str) -> str:
+    path = unquote(urlsplit(url).path)
+    return path.rstrip("/").rsplit("/", 1)[-1] or url
+
+
+def _regions(task: Mapping, predictions: bool, latest: bool) -> list[dict]:
+    key = "predictions" if predictions else "annotations"
+    entries = [e for e in task.get(key) or [] if isinstance(e, Mapping) and not e.get("was_cancelled")]
+    if latest and entries:
+        entries = entries[-1:]
+    regions = []
+    for entry in entries:
+        for region in entry.get("result") or []:
+            if isinstance(region, Mapping):
+                score = region.get("score", entry.get("score")) if predictions else None
+                regions.append({**region, "_score": score})
+    return regions
+
+
+def _polygon_pixels(value: Mapping, width: int, height: int) -> np.ndarray:
+    points = np.asarray(value.get("points") or [], np.float64).reshape(-1, 2)
+    return points * np.array([width / 100.0, height / 100.0])
+
+
+def convert(tasks: list, *, polygons: str = "polygon", predictions: bool = False, latest: bool = False,
+            image_key: str | None = None, alpha_threshold: int = 128) -> tuple[dict, Counter]:
+    """COCO dict and a Counter of what was exported and skipped."""
+    if not isinstance(tasks, list):
+        raise ExportError("a Label Studio JSON export is a list of tasks")
+    if polygons not in ("polygon", "rle"):
+        raise ExportError(f"polygons must be 'polygon' or 'rle', not {polygons!r}")
+    stats: Counter = Counter()
+    images, annotations, found = [], [], []
+    labels: set[str] = set()
+    for index, task in enumerate(tasks):
+        if not isinstance(task, Mapping):
+            raise ExportError(f"task {index} is not an object")
+        task_id = task.get("id") if isinstance(task.get("id"), int) else index + 1
+        url = _image_value(task, image_key)
+        size = None
+        for region in _regions(task, predictions, latest):
+            kind = region.get("type")
+            value = region.get("value")
+            if kind not in SEGMENT_TYPES or not isinstance(value, Mapping):
+                stats[f"skipped {kind}"] += 1
+                continue
+            names = value.get(kind) or []
+            if not names:
+                stats[f"skipped {kind} without a label"] += 1
+                continue
+            width, height = int(region["original_width"]), int(region["original_height"])
+            if size is not None and size != (width, height):
+                raise ExportError(f"task {task_id}: regions disagree on the image size ({size} vs {width}x{height})")
+            size = (width, height)
+            labels.add(names[0])
+            found.append((task_id, names[0], kind, value, width, height, region["_score"]))
+        if size is None:
+            stats["images left out (no segmentation region, size unknown)"] += 1
+            continue
+        images.append({"id": task_id, "file_name": _file_name(url), "coco_url": url, "width": size[0],
+                       "height": size[1]})
+    categories = [{"id": i, "name": name, "supercategory": ""} for i, name in enumerate(sorted(labels), 1)]
+    category_ids = {c["name"]: c["id"] for c in categories}
+    for task_id, name, kind, value, width, height, score in found:
+        annotation = {"id": len(annotations) + 1, "image_id": task_id, "category_id": category_ids[name],
+                      "iscrowd": 0}
+        if kind == "brushlabels":
+            alpha = rle.decode(value["rle"], height, width)
+            mask = alpha >= alpha_threshold
+            annotation.update(segmentation=rle_encode(mask), area=int(mask.sum()), bbox=_mask_bbox(mask))
+        else:
+            points = _polygon_pixels(value, width, height)
+            if len(points) < 3:
+                stats["skipped polygonlabels with fewer than 3 points"] += 1
+                continue
+            if polygons == "rle":
+                mask = outlines.rasterise([points], height, width)
+                annotation.update(segmentation=rle_encode(mask), area=int(mask.sum()), bbox=_mask_bbox(mask))
+            else:
+                x, y = points[:, 0], points[:, 1]
+                area = abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+                annotation.update(segmentation=[[round(float(v), 3) for v in points.ravel()]], area=round(area, 3),
+                                  bbox=[round(float(v), 3) for v in (x.min(), y.min(), x.max() - x.min(),
+                                                                      y.max() - y.min())])
+        if score is not None:
+            annotation["score"] = score
+        annotations.append(annotation)
+        stats[kind] += 1
+    coco = {
+        "info": {"description": "Label Studio export converted by export_coco.py",
+                 "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        "images": images,
+        "categories": categories,
+        "annotations": annotations,
+    }
+    return coco, stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("export", type=Path, help="Label Studio JSON export (a list of tasks)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="COCO JSON to write")
+    parser.add_argument("--polygons", choices=("polygon", "rle"), default="polygon",
+                        help="keep polygons as COCO polygons (default) or rasterise them to RLE")
+    parser.add_argument("--predictions", action="store_true", help="export predictions instead of annotations")
+    parser.add_argument("--latest", action="store_true", help="only each task's last annotation")
+    parser.add_argument("--image-key", default=None, help="task data key of the image (default: image)")
+    parser.add_argument("--alpha-threshold", type=int, default=128, help="brush alpha counted as the object")
+    args = parser.parse_args(argv)
+    try:
+        tasks = json.loads(args.export.read_text())
+        coco, stats = convert(tasks, polygons=args.polygons, predictions=args.predictions, latest=args.latest,
+                              image_key=args.image_key, alpha_threshold=args.alpha_threshold)
+    except (OSError, json.JSONDecodeError, ExportError, KeyError, ValueError) as error:
+        print(f"export_coco: {error}", file=sys.stderr)
+        return 1
+    args.output.write_text(json.dumps(coco))
+    summary = ", ".join(f"{count} {what}" for what, count in sorted(stats.items()))
+    print(f"wrote {args.output}: {len(coco['images'])} images, {len(coco['categories'])} categories, "
+          f"{len(coco['annotations'])} annotations ({summary or 'nothing else'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
