@@ -1,5 +1,8 @@
 """Entry points: `gunicorn _wsgi:app` (production) and `python _wsgi.py --port 9090 --with key=value ...`.
 
+The composition root: settings -> predictor (`sam_backend.sam.loading`) -> Label Studio layer (`model.SamModel`)
+-> Flask app (`sam_backend.http.create_app`). Nothing imports this module: importing it builds the app.
+
 The `--with` options are the seeds' (`sam_config=vit_b sam_checkpoint_file=... device=cpu out_poly=true`);
 environment variables (settings.py) give the rest.
 """
@@ -8,10 +11,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
-from sam_backend.sam.types import ModelError
-from sam_backend.http import create_app
-from sam_backend.settings import from_environment, with_options
+from flask import Flask
+
+from model import SamModel
+from sam_backend.errors import ModelError
+from sam_backend.http import configure_logging, create_app
+from sam_backend.sam import loading
+from sam_backend.settings import Settings, from_environment, with_options
+
+log = logging.getLogger("_wsgi")
+
+
+def build_app(settings: Settings) -> Flask:
+    """Load the model `settings` name (once per process) and serve it; raises ModelError on a bad model file."""
+    configure_logging(settings)
+    started = time.monotonic()
+    predictor = loading.load(settings)
+    log.info("model %s ready in %.1f s", predictor.model_version, time.monotonic() - started)
+    return create_app(SamModel(predictor, settings), settings)
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -40,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
         settings = replace(settings, log_level=args.log_level)
     try:
-        app = create_app(settings)
+        app = build_app(settings)
     except ModelError as error:
         parser.exit(1, f"cannot start the backend: {error}\n")
-    logging.getLogger(__name__).info("listening on http://%s:%d", args.host, args.port)
+    log.info("listening on http://%s:%d", args.host, args.port)
     app.run(host=args.host, port=args.port, threaded=True, use_reloader=False)
     return 0
 
@@ -51,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 def _app_or_exit():
     """The app for gunicorn; a bad setting or model file ends the process with its message and no traceback."""
     try:
-        return create_app()
+        return build_app(from_environment())
     except (ValueError, ModelError) as error:
-        logging.getLogger("_wsgi").critical("cannot start the backend: %s", error)
+        log.critical("cannot start the backend: %s", error)
         # Gunicorn's code for "App failed to load": it stops the whole server instead of respawning workers.
         raise SystemExit(4) from None
 

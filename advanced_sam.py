@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 from sam_backend.sam import transforms
-from sam_backend.sam.types import Embedding, ModelError, Prediction, Prompt
+from sam_backend import catalog
+from sam_backend.errors import CheckpointError
+from sam_backend.sam.types import Embedding, Prediction, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +27,6 @@ MODEL_TYPES = {
     "vit_l": ("segment_anything", "vit_l"),
     "vit_h": ("segment_anything", "vit_h"),
 }
-
-
-class CheckpointError(ModelError):
-    """The checkpoint is missing or is not a checkpoint of the requested model."""
 
 
 def choose_device(requested: str = "auto") -> torch.device:
@@ -63,7 +61,7 @@ def build_sam(model_type: str, checkpoint: Path | None, device: torch.device) ->
     model = sam_model_registry[key](checkpoint=None)
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
-        fetch = f"fetch it with `python -m tools.weights {'mobile_sam' if model_type == 'vit_t' else model_type}`"
+        fetch = f"fetch it with `{catalog.CHECKPOINTS[model_type].fetch_command}`"
         if not checkpoint.is_file():
             raise CheckpointError(f"checkpoint {checkpoint} does not exist; {fetch}")
         try:

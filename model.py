@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import uuid
-from collections import OrderedDict
 from dataclasses import replace
 from typing import Any, Mapping
 
@@ -20,15 +18,13 @@ from sam_backend.encoding import outlines
 from sam_backend.labelstudio import prompting
 from sam_backend.encoding import rle
 from sam_backend.cache import EmbeddingCache, RecentImages
-from sam_backend.images import ImageError, ImageLoader, LabelStudioAccess, redact_url
+from sam_backend.errors import ImageError, RequestError
+from sam_backend.images import ImageLoader, LabelStudioAccess, redact_url
 from sam_backend.sam.types import Embedding, Predictor
+from sam_backend.lru import BoundedLRU
 from sam_backend.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """The request body is malformed: HTTP 400 with this message."""
 
 
 class SamModel:
@@ -43,12 +39,21 @@ class SamModel:
                                              max_computing=settings.max_concurrent_embeddings)
         self.memory = memory or prompting.PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl)
         self.recent = RecentImages(ttl=settings.image_url_ttl)
-        self._projects: OrderedDict[str, LabelStudioAccess] = OrderedDict()
-        self._projects_lock = threading.Lock()
+        self._projects: BoundedLRU[str, LabelStudioAccess] = BoundedLRU(max_items=256)
 
     @property
     def model_version(self) -> str:
         return self.predictor.model_version
+
+    @property
+    def model_class(self) -> str:
+        """The predictor's class name, for /health."""
+        return type(self.predictor).__name__
+
+    def stats(self) -> dict:
+        """Counts for /metrics."""
+        return {"embedding_cache": {"items": len(self.cache), "bytes": self.cache.nbytes,
+                                    "hits": self.cache.hits, "misses": self.cache.misses}}
 
     # ---- /setup -------------------------------------------------------------------------------------
     def setup(self, body: Any) -> dict:
@@ -56,11 +61,7 @@ class SamModel:
         body = _object(body, "body")
         project, hostname, token = body.get("project"), body.get("hostname"), body.get("access_token")
         if isinstance(project, str) and isinstance(hostname, str) and hostname and isinstance(token, str) and token:
-            with self._projects_lock:
-                self._projects[project] = LabelStudioAccess(url=hostname, token=token)
-                self._projects.move_to_end(project)
-                while len(self._projects) > 256:
-                    self._projects.popitem(last=False)
+            self._projects.put(project, LabelStudioAccess(url=hostname, token=token))
         schema = body.get("schema")
         if isinstance(schema, str) and schema.strip():
             label_config.parse(schema)  # a config we cannot serve is reported when the model is connected

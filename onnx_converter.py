@@ -57,21 +57,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam_backend.sam import transforms
 from advanced_sam import MODEL_TYPES, CheckpointError, TorchSamPredictor, _sparse_embedding, build_sam
 from onnx_sam import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, META_MODEL_TYPE, META_PART,
                       META_QUANTIZATION, META_WEIGHTS, OnnxSamPredictor, open_session)
+from sam_backend import catalog
 from sam_backend.sam.types import Embedding, Prompt
 
 log = logging.getLogger("onnx_converter")
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_OUT_DIR = HERE / "models"
+DEFAULT_OUT_DIR = catalog.MODELS_DIR
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
-#: checkpoint file names of `weights.py`
-CHECKPOINT_NAMES = {"vit_t": "mobile_sam.pt", "vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth",
-                    "vit_h": "sam_vit_h_4b8939.pth"}
 INT8_MIN_IOU = 0.9  # below this an int8 model's mask is reported as a warning
 #: Prompts left out of the int8 verdict (but still checked fp32 vs torch, and still reported): a mask with no
 #: point at all is ill-posed for SAM; its fp32 output is itself a guess (predicted IoU about 0.24, most logits
@@ -80,9 +76,8 @@ INT8_UNCOUNTED = {"refine: mask only"}
 
 
 def onnx_paths(out_dir: Path, model_type: str, int8: bool = False) -> tuple[Path, Path]:
-    """(encoder, decoder) file names: <out_dir>/<model_type>.encoder.onnx, ... (.int8.onnx when int8)."""
-    suffix = ".int8.onnx" if int8 else ".onnx"
-    return out_dir / f"{model_type}.encoder{suffix}", out_dir / f"{model_type}.decoder{suffix}"
+    """(encoder, decoder) file names in `out_dir` (`catalog.onnx_paths`)."""
+    return catalog.onnx_paths(model_type, out_dir, int8)
 
 
 class SamDecoderOnnx(torch.nn.Module):
@@ -192,9 +187,7 @@ def export_encoder(model: torch.nn.Module, path: Path, exporter: str = "dynamo",
 
 def model_metadata(model_type: str, checkpoint: Path | None, seed: int = 0) -> dict[str, str]:
     """What the converter stamps into its files, so that onnx_sam refuses an encoder and decoder that differ."""
-    from tools.weights import sha256_of
-
-    weights = f"random-{seed}" if checkpoint is None else sha256_of(Path(checkpoint))[:16]
+    weights = f"random-{seed}" if checkpoint is None else catalog.sha256_of(Path(checkpoint))[:16]
     return {META_MODEL_TYPE: model_type, META_WEIGHTS: weights}
 
 
@@ -476,8 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().addFilter(_hide_preprocessing_advice)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    checkpoint = None if args.random_weights else args.checkpoint or DEFAULT_OUT_DIR / CHECKPOINT_NAMES[
-        args.model_type]
+    checkpoint = None if args.random_weights else args.checkpoint or catalog.CHECKPOINTS[args.model_type].default_path
     stages = 2 + len(args.parts) + (1 if args.quantize else 0)
     stage = iter(range(1, stages + 1))
 

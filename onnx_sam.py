@@ -27,7 +27,9 @@ import numpy as np
 import onnxruntime as ort
 
 from sam_backend.sam import transforms
-from sam_backend.sam.types import Embedding, ModelError, Prediction, Prompt
+from sam_backend import catalog
+from sam_backend.errors import OnnxModelError
+from sam_backend.sam.types import Embedding, Prediction, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +55,6 @@ META_WEIGHTS = "sam_weights"  # sha256 prefix of the checkpoint, or "random-<see
 META_PART = "sam_part"  # encoder or decoder
 META_QUANTIZATION = "sam_quantization"  # absent for float32, "int8-dynamic"
 
-#: model type -> the checkpoint `weights.py` fetches, named in the build command
-CHECKPOINTS = {"vit_t": "models/mobile_sam.pt", "vit_b": "models/sam_vit_b_01ec64.pth",
-               "vit_l": "models/sam_vit_l_0b3195.pth", "vit_h": "models/sam_vit_h_4b8939.pth"}
-
-
-class OnnxModelError(ModelError):
-    """An ONNX model file is missing, unreadable, or not the model this predictor expects."""
 
 
 class ImageEncoder(Protocol):
@@ -73,10 +68,7 @@ def build_command(path: Path) -> str:
     """The command that builds the model `path` names, for error messages."""
     match = re.fullmatch(r"(vit_[tblh])\.(?:encoder|decoder)(\.int8)?\.onnx", Path(path).name)
     model_type = match.group(1) if match else "vit_t"
-    quantize = " --quantize" if match and match.group(2) else ""
-    out_dir = "" if Path(path).parent.name == "models" else f" --out-dir {Path(path).parent}"
-    command = (f"python onnx_converter.py --model-type {model_type} --checkpoint {CHECKPOINTS[model_type]}"
-               f"{out_dir}{quantize}")
+    command = catalog.build_command(model_type, Path(path).parent, int8=bool(match and match.group(2)))
     if match:
         return f"`{command}`"
     return f"`{command}` (it writes <model_type>.encoder.onnx and <model_type>.decoder.onnx)"

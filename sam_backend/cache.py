@@ -19,6 +19,7 @@ from typing import Callable, Hashable
 
 import numpy as np
 
+from sam_backend.lru import BoundedLRU
 from sam_backend.sam.types import Embedding
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class EmbeddingCache:
         self.max_items = max_items
         self.compact = compact
         self._computing = threading.BoundedSemaphore(max_computing)
-        self._items: OrderedDict[Hashable, Embedding] = OrderedDict()
+        self._items: BoundedLRU[Hashable, Embedding] = BoundedLRU(max_items, size_of=lambda item: item.nbytes)
         self._pending: dict[Hashable, Future] = {}
         self._lock = threading.Lock()
         self._prewarm_queue = prewarm_queue
@@ -46,34 +47,30 @@ class EmbeddingCache:
         self.misses = 0
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+        return len(self._items)
 
     def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._items
+        return key in self._items
 
     @property
     def nbytes(self) -> int:
-        with self._lock:
-            return sum(item.nbytes for item in self._items.values())
+        return self._items.nbytes
 
     def get(self, key: Hashable) -> Embedding | None:
         """The embedding for `key` if it is cached (counted as a hit), else None; never computes."""
         with self._lock:
             embedding = self._items.get(key)
             if embedding is not None:
-                self._items.move_to_end(key)
                 self.hits += 1
             return embedding
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], Embedding]) -> Embedding:
         """The embedding for `key`, calling `compute()` only if no thread has it or is computing it."""
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
+            embedding = self._items.get(key)
+            if embedding is not None:
                 self.hits += 1
-                return self._items[key]
+                return embedding
             future = self._pending.get(key)
             owner = future is None
             if owner:
@@ -91,10 +88,7 @@ class EmbeddingCache:
             future.set_exception(error)
             raise
         with self._lock:
-            self._items[key] = embedding
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+            self._items.put(key, embedding)
             del self._pending[key]
         future.set_result(embedding)
         return embedding
@@ -138,27 +132,15 @@ class RecentImages:
     At most `max_items` sources, least recently downloaded dropped first. `ttl` 0 turns it off. Thread-safe.
     """
 
-    def __init__(self, max_items: int = 4096, ttl: float = 600.0) -> None:
+    def __init__(self, max_items: int = 4096, ttl: float = 600.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_items = max_items
         self.ttl = ttl
-        self._keys: OrderedDict[Hashable, tuple[float, Hashable]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._keys: BoundedLRU[Hashable, Hashable] = BoundedLRU(max_items, ttl=ttl, clock=clock)
 
     def get(self, source: Hashable) -> Hashable | None:
-        with self._lock:
-            entry = self._keys.get(source)
-            if entry is None:
-                return None
-            if time.monotonic() - entry[0] > self.ttl:
-                del self._keys[source]
-                return None
-            return entry[1]
+        return self._keys.get(source)
 
     def put(self, source: Hashable, key: Hashable) -> None:
         if self.ttl <= 0:
             return
-        with self._lock:
-            self._keys.pop(source, None)
-            self._keys[source] = (time.monotonic(), key)
-            while len(self._keys) > self.max_items:
-                self._keys.popitem(last=False)
+        self._keys.put(source, key)

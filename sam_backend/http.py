@@ -12,17 +12,13 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from sam_backend.sam import loading
-from sam_backend.images import ImageError
-from sam_backend.labelstudio.label_config import ConfigError
-from model import RequestError, SamModel
-from sam_backend.labelstudio.prompting import ContextError
-from sam_backend.settings import Settings, from_environment
+from sam_backend.errors import ClientError, RequestError
+from sam_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +45,31 @@ class Metrics:
             return {route: dict(values) for route, values in self._routes.items()}
 
 
-def create_app(settings: Settings | None = None, predictor: Predictor | None = None) -> Flask:
-    """Build the app. Loads the model now (once per process), unless a `predictor` is handed in."""
-    settings = settings or from_environment()
+class Backend(Protocol):
+    """What the routes call: `model.SamModel`, the Label Studio layer. Its errors derive from `ClientError`."""
+
+    model_version: str
+    model_class: str
+
+    def setup(self, body: Any) -> dict: ...
+
+    def predict(self, body: Any) -> dict: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+def configure_logging(settings: Settings) -> None:
+    """The process's log format and level (LOG_LEVEL)."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # urllib3 logs each request's full URL at DEBUG, query included (presigned signatures, tokens); images.py logs
-    # its fetches itself, redacted.
+    # urllib3 logs each request's full URL at DEBUG, query included (presigned signatures, tokens); the images
+    # package logs its fetches itself, redacted.
     urllib3_log = logging.getLogger("urllib3")
     urllib3_log.setLevel(max(urllib3_log.level, logging.INFO))
-    started = time.monotonic()
-    predictor = predictor or loading.load(settings)
-    log.info("model %s ready in %.1f s", predictor.model_version, time.monotonic() - started)
-    model = SamModel(predictor, settings)
+
+
+def create_app(model: Backend, settings: Settings) -> Flask:
+    """The Flask app that serves `model` (built once per process by `_wsgi`, or by the tests)."""
     metrics = Metrics()
 
     app = Flask(__name__)
@@ -87,7 +95,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     @app.get("/")
     @app.get("/health")
     def health():
-        return jsonify(status="UP", model_class=type(predictor).__name__, model_loaded=True,
+        return jsonify(status="UP", model_class=model.model_class, model_loaded=True,
                        model_version=model.model_version)
 
     @app.post("/setup")
@@ -113,21 +121,10 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     @app.get("/metrics")
     def metrics_route():
         return jsonify(model_version=model.model_version, uptime_seconds=round(time.time() - metrics.started, 1),
-                       routes=metrics.snapshot(),
-                       embedding_cache={"items": len(model.cache), "bytes": model.cache.nbytes,
-                                        "hits": model.cache.hits, "misses": model.cache.misses})
+                       routes=metrics.snapshot(), **model.stats())
 
-    @app.errorhandler(RequestError)
-    @app.errorhandler(ContextError)
-    def _bad_request(error: ValueError):
-        return jsonify(error=str(error)), 400
-
-    @app.errorhandler(ConfigError)
-    def _bad_config(error: ConfigError):
-        return jsonify(error=str(error)), 422
-
-    @app.errorhandler(ImageError)
-    def _image_error(error: ImageError):
+    @app.errorhandler(ClientError)
+    def _client_error(error: ClientError):
         return jsonify(error=error.message), error.status
 
     @app.errorhandler(HTTPException)

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping
 
+from sam_backend import catalog
+
 ROOT = Path(__file__).resolve().parent.parent  # the repository (or the image's /app)
-MODELS_DIR = ROOT / "models"
+MODELS_DIR = catalog.MODELS_DIR
 
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
@@ -34,8 +36,8 @@ class Settings:
     # Model
     sam_choice: str = "MobileSAM"  # SAM_CHOICE: MobileSAM | SAM
     sam_model_type: str = "vit_h"  # SAM_MODEL_TYPE (--with sam_config): vit_b | vit_l | vit_h, for SAM_CHOICE=SAM
-    mobilesam_checkpoint: Path = MODELS_DIR / "mobile_sam.pt"  # MOBILESAM_CHECKPOINT
-    vith_checkpoint: Path = MODELS_DIR / "sam_vit_h_4b8939.pth"  # VITH_CHECKPOINT
+    mobilesam_checkpoint: Path = catalog.CHECKPOINTS["vit_t"].default_path  # MOBILESAM_CHECKPOINT
+    vith_checkpoint: Path = catalog.CHECKPOINTS["vit_h"].default_path  # VITH_CHECKPOINT
     sam_checkpoint: Path | None = None  # SAM_CHECKPOINT (--with sam_checkpoint_file): overrides both above
     device: str = "auto"  # DEVICE: auto | cpu | cuda | cuda:N
     run_onnx_sam: bool = False  # RUN_ONNX_SAM
@@ -76,7 +78,7 @@ class Settings:
 
     @property
     def model_name(self) -> str:
-        return "MobileSAM" if self.model_type == "vit_t" else f"SAM-{self.model_type}"
+        return catalog.model_name(self.model_type)
 
     @property
     def model_type(self) -> str:
@@ -90,13 +92,12 @@ class Settings:
             return self.mobilesam_checkpoint
         if self.model_type == "vit_h":
             return self.vith_checkpoint
-        return MODELS_DIR / {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth"}[self.model_type]
+        return catalog.CHECKPOINTS[self.model_type].default_path
 
     @property
     def onnx_paths(self) -> tuple[Path, Path]:
-        stem = MODELS_DIR / self.model_type
-        return (self.onnx_encoder or stem.with_suffix(".encoder.onnx"),
-                self.onnx_decoder or stem.with_suffix(".decoder.onnx"))
+        encoder, decoder = catalog.onnx_paths(self.model_type)
+        return self.onnx_encoder or encoder, self.onnx_decoder or decoder
 
 
 #: environment variable -> Settings field

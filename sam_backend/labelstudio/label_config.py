@@ -19,13 +19,11 @@ from typing import Mapping
 
 from label_studio_sdk.label_interface import LabelInterface
 
+from sam_backend.errors import ConfigError
+
 #: control tag (lower case: Label Studio accepts `KeypointLabels` too) -> result type
 PROMPT_TYPES = {"keypointlabels": "keypointlabels", "rectanglelabels": "rectanglelabels"}
 NUMERIC_ALIAS = re.compile(r"^-?\d+$")
-
-
-class ConfigError(ValueError):
-    """The labeling config, or a label in a request, does not fit this backend (a client error)."""
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,9 @@ from typing import Any, Collection, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from sam_backend.labelstudio.label_config import ConfigError, ProjectConfig, Target
+from sam_backend.errors import ConfigError, ContextError
+from sam_backend.labelstudio.label_config import ProjectConfig, Target
 from sam_backend.sam.types import Prompt
-
-
-class ContextError(ValueError):
-    """A region in the request is malformed; the message names where."""
 
 
 #: How far (in percent of the image side) a point or rectangle edge may lie beyond the image and still be taken as

@@ -5,6 +5,9 @@ and a lazy one: an ONNX-only install never imports torch.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+from sam_backend import catalog
 from sam_backend.sam.types import Predictor
 
 
@@ -13,13 +16,11 @@ def load(settings) -> Predictor:
 
     Imports torch only for the torch predictor, so an ONNX-only install never needs it.
     """
-    from tools.weights import sha256_of
-
     if settings.run_onnx_sam:
         from onnx_sam import OnnxSamPredictor
 
         encoder, decoder = settings.onnx_paths
-        version = f"{settings.model_name}-onnx-{_short_digest(decoder, sha256_of)}"
+        version = f"{settings.model_name}-onnx-{_short_digest(decoder)}"
         return OnnxSamPredictor.load(encoder, decoder, model_version=version, threads=settings.ort_threads)
     import torch
 
@@ -27,11 +28,9 @@ def load(settings) -> Predictor:
 
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
-    version = f"{settings.model_name}-{_short_digest(settings.checkpoint, sha256_of)}"
+    version = f"{settings.model_name}-{_short_digest(settings.checkpoint)}"
     return TorchSamPredictor.load(settings.model_type, settings.checkpoint, settings.device, model_version=version)
 
 
-def _short_digest(path, sha256_of) -> str:
-    from pathlib import Path
-
-    return sha256_of(Path(path))[:8] if Path(path).is_file() else "missing"
+def _short_digest(path: Path) -> str:
+    return catalog.sha256_of(Path(path))[:8] if Path(path).is_file() else "missing"

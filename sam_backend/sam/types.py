@@ -14,10 +14,6 @@ from typing import Protocol
 import numpy as np
 
 
-class ModelError(RuntimeError):
-    """A model file is missing or unusable; the message names the file and how to get a good one."""
-
-
 @dataclass(frozen=True)
 class Embedding:
     """The image encoder's output for one image.

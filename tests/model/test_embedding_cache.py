@@ -84,12 +84,9 @@ def test_float16_cache_keeps_masks(torch_predictor):
 
 
 # ---- RecentImages -----------------------------------------------------------------------------------------------
-def test_recent_images_remember_a_source_for_ttl_seconds(monkeypatch):
-    from sam_backend import cache as embedding_cache
-
+def test_recent_images_remember_a_source_for_ttl_seconds():
     now = [1000.0]
-    monkeypatch.setattr(embedding_cache.time, "monotonic", lambda: now[0])
-    recent = RecentImages(max_items=2, ttl=60)
+    recent = RecentImages(max_items=2, ttl=60, clock=lambda: now[0])
     assert recent.get("a") is None
     recent.put("a", "key-a")
     now[0] += 59

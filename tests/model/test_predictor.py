@@ -10,7 +10,7 @@ import torch
 
 import advanced_sam
 from sam_backend.sam.types import Prompt
-from tools.harness.scenes import all_scenes, interior_point, iou, scene
+from tools.harness.scenes import interior_point, iou, scene
 
 # Scenes whose object is one colour region; "horse-rocket-motorcycle" is two-toned on purpose (benchmark only).
 CLEAR_SCENES = ["horse-coffee-grass", "ellipse-chelsea-gravel", "star-astronaut-brick", "ellipse-coffee-hubble",
