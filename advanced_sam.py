@@ -89,7 +89,10 @@ class TorchSamPredictor:
 
     @classmethod
     def load(cls, model_type: str, checkpoint: Path | None, device: str = "auto",
-             model_version: str | None = None) -> "TorchSamPredictor":
+             model_version: str | None = None, threads: int = 0) -> "TorchSamPredictor":
+        """Build and load the model; `threads` > 0 sets torch's intra-op threads for the process (0: its default)."""
+        if threads > 0:
+            torch.set_num_threads(threads)
         torch_device = choose_device(device)
         model = build_sam(model_type, checkpoint, torch_device)
         log.info("loaded %s from %s on %s", model_type, checkpoint, torch_device)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from sam_backend import catalog
 from sam_backend.sam.types import Predictor
+from sam_backend.settings import Settings
 
 
-def load(settings) -> Predictor:
-    """The predictor `settings` (a `settings.Settings`) ask for, loaded once; raises on a missing model.
+def load(settings: Settings) -> Predictor:
+    """The predictor `settings` ask for, loaded once; raises ModelError on a missing or damaged model.
 
     Imports torch only for the torch predictor, so an ONNX-only install never needs it.
     """
@@ -22,14 +23,11 @@ def load(settings) -> Predictor:
         encoder, decoder = settings.onnx_paths
         version = f"{settings.model_name}-onnx-{_short_digest(decoder)}"
         return OnnxSamPredictor.load(encoder, decoder, model_version=version, threads=settings.ort_threads)
-    import torch
-
     from advanced_sam import TorchSamPredictor
 
-    if settings.torch_threads > 0:
-        torch.set_num_threads(settings.torch_threads)
     version = f"{settings.model_name}-{_short_digest(settings.checkpoint)}"
-    return TorchSamPredictor.load(settings.model_type, settings.checkpoint, settings.device, model_version=version)
+    return TorchSamPredictor.load(settings.model_type, settings.checkpoint, settings.device, model_version=version,
+                                  threads=settings.torch_threads)
 
 
 def _short_digest(path: Path) -> str:
