@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
 import json
 import logging
 import threading
@@ -80,6 +81,15 @@ def create_app(model: Backend, settings: Settings) -> Flask:
     @app.before_request
     def _authenticate_and_time():
         g.started = time.perf_counter()
+        host = _host_name(request.host)
+        if not host_allowed(host, settings.allowed_server_hosts):
+            # DNS rebinding: a page of another site, its name re-pointed at this server, would otherwise be
+            # served as if it were on the same origin.
+            return _error(400, f"Host {host!r} is not a name of this server; add it to ALLOWED_HOSTS")
+        if request.method == "POST" and not _is_json(request.mimetype):
+            # Cross-site pages may POST text/plain or form bodies without a CORS preflight; a JSON type needs one.
+            return _error(415, f"send the body as JSON with Content-Type: application/json (got "
+                               f"{request.mimetype or 'no Content-Type'!r})")
         if settings.basic_auth_user and not _authorized(settings):
             return Response(response='{"error": "authentication required"}', status=401,
                             mimetype="application/json",
@@ -137,6 +147,48 @@ def create_app(model: Backend, settings: Settings) -> Flask:
         return jsonify(error=f"internal error ({type(error).__name__}); see the backend's log"), 500
 
     return app
+
+
+#: names that only resolve inside a machine, a LAN, a Docker network or a cluster: no outside site can own them
+LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".lan", ".home.arpa", ".svc", ".cluster.local")
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether `host` (a Host header without its port, lower case) names this server.
+
+    Always: IP addresses, single-label names (`sam`, `localhost`) and local-only suffixes; else only names in
+    `allowed` (ALLOWED_HOSTS): exact, `.example.com` for the domain and its subdomains, or `*`.
+    """
+    if not host:
+        return False
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        pass
+    if "." not in host.rstrip(".") or host.rstrip(".").endswith(LOCAL_SUFFIXES):
+        return True
+    host = host.rstrip(".")
+    for name in allowed:
+        if name == "*" or host == name.lstrip(".") or (name.startswith(".") and host.endswith(name)):
+            return True
+    return False
+
+
+def _host_name(host: str) -> str:
+    """The Host header's name, lower case, without the port (IPv6 literals keep their brackets)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_json(mimetype: str) -> bool:
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(response=json.dumps({"error": message}), status=status, mimetype="application/json")
 
 
 def _json_body() -> Any:

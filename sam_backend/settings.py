@@ -74,6 +74,10 @@ class Settings:
     basic_auth_pass: str = field(default="", repr=False)  # BASIC_AUTH_PASS
     max_content_length: int = 16 << 20  # MAX_CONTENT_LENGTH bytes of a request body
     max_points: int = 256  # MAX_POINTS per prompt
+    #: ALLOWED_HOSTS: comma list of the names this server answers to in the Host header ("ml.example.com",
+    #: ".example.com" for a domain and its subdomains, "*" for any). IP addresses, single-label names (Docker
+    #: service names) and localhost / .local / .internal names are always answered.
+    allowed_server_hosts: tuple[str, ...] = ()
     log_level: str = "INFO"  # LOG_LEVEL
 
     @property
@@ -137,6 +141,7 @@ ENVIRONMENT = {
     "BASIC_AUTH_PASS": "basic_auth_pass",
     "MAX_CONTENT_LENGTH": "max_content_length",
     "MAX_POINTS": "max_points",
+    "ALLOWED_HOSTS": "allowed_server_hosts",
     "LOG_LEVEL": "log_level",
 }
 
