@@ -82,8 +82,43 @@ def best_prediction(low_res: np.ndarray, iou: np.ndarray, prompt: Prompt, embedd
     else:
         index = 0
     logits = low_res[index]
-    mask = upscale_logits(logits, embedding.input_size, embedding.original_size) > MASK_THRESHOLD
+    mask = upscale_mask(logits, embedding.input_size, embedding.original_size)
     return Prediction(mask=mask, score=float(iou[index]), low_res_logits=logits[None].astype(np.float32))
+
+
+#: images of more pixels than this get their mask in strips of rows: a 100 Mpx image would otherwise need a
+#: 400 MB float32 logit image per click, on top of the 100 MB mask itself
+STRIP_PIXELS = 4_000_000
+STRIP_ROWS = 256
+
+
+def upscale_mask(logits: np.ndarray, in_size: tuple[int, int], original_size: tuple[int, int],
+                 strip_pixels: int = STRIP_PIXELS) -> np.ndarray:
+    """(256, 256) logits -> (H, W) bool mask: `upscale_logits(...) > MASK_THRESHOLD`, in bounded memory.
+
+    Up to `strip_pixels` pixels it is exactly that. Larger images are interpolated the same way (bilinear, half-pixel
+    centres, separable: along rows first, at full width but the 1024-frame's height, then down the columns) in
+    strips of STRIP_ROWS rows, so the float32 temporaries stay about (1024 + 3 * STRIP_ROWS) x W whatever H is.
+    Masks then agree with the one-piece path except where a logit is within float rounding of the threshold.
+    """
+    height, width = original_size
+    if height * width <= strip_pixels:
+        return upscale_logits(logits, in_size, original_size) > MASK_THRESHOLD
+    full = cv2.resize(logits.astype(np.float32), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
+    cropped = np.ascontiguousarray(full[: in_size[0], : in_size[1]])
+    rows = cv2.resize(cropped, (width, in_size[0]), interpolation=cv2.INTER_LINEAR)  # (h, W): width done
+    source_height = in_size[0]
+    mask = np.empty((height, width), dtype=bool)
+    for top in range(0, height, STRIP_ROWS):
+        y = np.arange(top, min(top + STRIP_ROWS, height), dtype=np.float64)
+        source = np.maximum((y + 0.5) * (source_height / height) - 0.5, 0.0)
+        above = np.minimum(np.floor(source).astype(np.int64), source_height - 1)
+        below = np.minimum(above + 1, source_height - 1)
+        weight = (source - np.floor(source)).astype(np.float32)[:, None]
+        strip = rows[above] * (1.0 - weight)
+        strip += rows[below] * weight
+        np.greater(strip, MASK_THRESHOLD, out=mask[top: top + len(y)])
+    return mask
 
 
 def upscale_logits(logits: np.ndarray, in_size: tuple[int, int], original_size: tuple[int, int]) -> np.ndarray:
