@@ -204,3 +204,16 @@ def onnx_server_predictor(onnx_files):
     from onnx_sam import OnnxSamPredictor
 
     return OnnxSamPredictor.load(*onnx_files, model_version="MobileSAM-onnx-test", threads=2)
+
+
+# ---- markers by folder: tests/unit is the inner loop (`pytest tests/unit` or `pytest -m "not slow"`) -----------
+_FOLDER_MARKERS = {"model": ("weights", "slow"), "service": ("weights", "slow"), "e2e": ("labelstudio", "slow")}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        for name in _FOLDER_MARKERS.get(folder, ()):
+            item.add_marker(name)
+        if folder == "e2e" and "browser" in Path(str(item.fspath)).name:
+            item.add_marker("browser")
