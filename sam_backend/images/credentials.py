@@ -22,11 +22,11 @@ import json
 import re
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 from sam_backend.images.redact import redact_url
+from sam_backend.lru import BoundedLRU
 
 ACCESS_TOKEN_LIFETIME = 300.0  # seconds, when the access token carries no `exp`
 ACCESS_TOKEN_MARGIN = 30.0  # refresh this long before the access token expires
@@ -60,15 +60,15 @@ class Access:
 
 class AccessTokens:
     """The `Authorization` header for each Label Studio request, with the access tokens obtained from PATs cached
-    (at most TOKEN_CACHE_SIZE of them) and refreshed one at a time per PAT. Thread-safe.
+    (the TOKEN_CACHE_SIZE most recently used) and refreshed one at a time per PAT. Thread-safe.
 
     `refresh(ls, deadline)` exchanges the PAT of `ls` for a new `Access` (it raises ImageError).
     """
 
     def __init__(self, refresh: Callable[[LabelStudio, float], Access]) -> None:
         self._refresh = refresh
-        self._lock = threading.Lock()
-        self._tokens: OrderedDict[tuple[str, str], Access] = OrderedDict()
+        self._lock = threading.Lock()  # the cache and the refresh locks change together under it
+        self._tokens: BoundedLRU[tuple[str, str], Access] = BoundedLRU(TOKEN_CACHE_SIZE)
         self._refresh_locks: dict[tuple[str, str], threading.Lock] = {}
 
     def authorization(self, ls: LabelStudio, deadline: float) -> str:
@@ -87,7 +87,7 @@ class AccessTokens:
         with self._lock:
             cached = self._tokens.get(key)
             if cached is not None and cached.token == access:
-                del self._tokens[key]
+                self._tokens.pop(key)
 
     def _access_token(self, ls: LabelStudio, deadline: float) -> str:
         """A valid access token for the PAT of `ls`: cached, or refreshed (one refresh at a time per PAT)."""
@@ -98,7 +98,7 @@ class AccessTokens:
                 return cached.token
             refresh_lock = self._refresh_locks.get(key)
             if refresh_lock is None:
-                if len(self._refresh_locks) >= 2 * TOKEN_CACHE_SIZE:  # forget idle locks of refreshes that failed
+                if len(self._refresh_locks) >= 2 * TOKEN_CACHE_SIZE:  # forget idle locks of evicted or failed PATs
                     for old in [k for k, lock in self._refresh_locks.items()
                                 if k not in self._tokens and not lock.locked()]:
                         del self._refresh_locks[old]
@@ -110,11 +110,7 @@ class AccessTokens:
                     return cached.token
             access = self._refresh(ls, deadline)
             with self._lock:
-                self._tokens[key] = access
-                self._tokens.move_to_end(key)
-                while len(self._tokens) > TOKEN_CACHE_SIZE:
-                    old, _ = self._tokens.popitem(last=False)
-                    self._refresh_locks.pop(old, None)
+                self._tokens.put(key, access)
             return access.token
 
 
