@@ -40,19 +40,18 @@ Messages never contain credentials: URLs in messages and logs have their userinf
 """
 from __future__ import annotations
 
-import base64
 import logging
-import re
 import time
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
 
 from sam_backend.errors import ImageError
 from sam_backend.images.credentials import LabelStudio
 from sam_backend.images.decode import decode_image
 from sam_backend.images.local_files import local_root, read_local
 from sam_backend.images.redact import redact_url
-from sam_backend.images.references import CLOUD_SCHEMES, LOCAL_FILES_PATH, MEDIA_PATH, origin_of, resolve_label_studio
+from sam_backend.images.references import (CLOUD_SCHEMES, LOCAL_FILES_PATH, NoLabelStudio, label_studio_media_path,
+                                           media_parts, origin_of, presign_path, require, resolve_label_studio,
+                                           scheme_of)
 from sam_backend.images.transport import TOTAL_TIMEOUT_FACTOR, Transport
 from sam_backend.settings import Settings
 
@@ -93,68 +92,42 @@ class ImageLoader:
             raise ImageError(400, "the task's image URL is empty")
         url = url.strip()
         deadline = time.monotonic() + TOTAL_TIMEOUT_FACTOR * self.settings.image_timeout
-        ls, ls_problem = resolve_label_studio(self.settings, fallback)
-        scheme = url.split(":", 1)[0].lower() if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", url) else ""
+        ls = resolve_label_studio(self.settings, fallback)
+        scheme = scheme_of(url)
         shown = redact_url(url)
         log.debug("fetching image %s", shown)
 
         if scheme in CLOUD_SCHEMES:
-            return self._fetch_cloud(url, ls or ls_problem, task_id, deadline)
+            path = presign_path(url, task_id)
+            known = require(ls, f"cloud storage URI {shown} can only be fetched through Label Studio, but none "
+                                f"is known: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+            return self._transport.download(known.base + path, known, credentials=True, deadline=deadline)
         if scheme == "data":
             raise ImageError(400, "data: URIs are not supported as task images; upload the image to Label Studio")
         if not scheme:
             if not url.startswith("/") or url.startswith("//"):
                 raise ImageError(400, f"image URL {shown} is neither absolute nor a Label Studio path (/data/...)")
-            return self._fetch_label_studio_path(url, ls or ls_problem, deadline)
+            return self._fetch_label_studio_path(url, ls, deadline)
         if scheme not in ("http", "https"):
             raise ImageError(400, f"image URL {shown}: the {scheme}: scheme is not supported")
-        origin = origin_of(url)
-        if origin is None:
+        if origin_of(url) is None:
             raise ImageError(400, f"image URL {shown} has no valid host")
-        if ls is not None and origin == ls.origin:
-            parts = urlsplit(url)
-            if parts.path.startswith(ls.path + "/") and MEDIA_PATH.match(parts.path[len(ls.path):]):
-                relative = parts.path[len(ls.path):] + (f"?{parts.query}" if parts.query else "")
-                return self._fetch_label_studio_path(relative, ls, deadline)
-        return self._transport.download(url, ls, credentials=False, deadline=deadline)
+        relative = label_studio_media_path(url, ls)
+        if relative is not None:
+            return self._fetch_label_studio_path(relative, ls, deadline)
+        return self._transport.download(url, ls if isinstance(ls, LabelStudio) else None, credentials=False,
+                                        deadline=deadline)
 
-    def _fetch_label_studio_path(self, path: str, ls: LabelStudio | ImageError | None, deadline: float) -> bytes:
+    def _fetch_label_studio_path(self, path: str, ls: LabelStudio | NoLabelStudio, deadline: float) -> bytes:
         """`path`: relative to Label Studio's base URL, starting with `/`; `ls`: the Label Studio, or why there is
         none usable."""
         shown = redact_url(path)
-        parts = urlsplit(path)
-        if not MEDIA_PATH.match(parts.path):
-            raise ImageError(400, f"image URL {shown} is not a Label Studio media path "
-                                  f"(/data/..., /storage-data/..., /tasks/<id>/presign/...)")
-        if any(segment in (".", "..") for segment in unquote(parts.path).split("/")):
-            raise ImageError(400, f"image URL {shown} has . or .. segments")
+        parts = media_parts(path)
         if LOCAL_FILES_PATH.match(parts.path):
             root = local_root(self.settings)
             if root is not None:
                 return read_local(root, parts.query, shown, self.settings.max_image_bytes)
-        if isinstance(ls, ImageError):
-            raise ls
-        if ls is None:
-            raise ImageError(400, f"image URL {shown} is relative to Label Studio, but no Label Studio is known: "
-                                  f"set LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY) or connect the model in "
-                                  f"Label Studio")
-        return self._transport.download(ls.base + path, ls, credentials=True, deadline=deadline)
-
-    def _fetch_cloud(self, uri: str, ls: LabelStudio | ImageError | None, task_id: int | None,
-                     deadline: float) -> bytes:
-        shown = redact_url(uri)
-        if not re.match(r"[A-Za-z0-9-]+://[^/\s]+/\S", uri):
-            raise ImageError(400, f"cloud storage URI {shown} must look like scheme://bucket/key")
-        if isinstance(task_id, str) and task_id.isdigit():
-            task_id = int(task_id)
-        if not isinstance(task_id, int) or isinstance(task_id, bool) or task_id < 0:
-            raise ImageError(400, f"cloud storage URI {shown} needs the task's id (task.id) to be presigned by "
-                                  f"Label Studio")
-        if isinstance(ls, ImageError):
-            raise ls
-        if ls is None:
-            raise ImageError(400, f"cloud storage URI {shown} can only be fetched through Label Studio, but none "
-                                  f"is known: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-        fileuri = base64.urlsafe_b64encode(uri.encode()).decode()
-        return self._transport.download(f"{ls.base}/tasks/{task_id}/presign/?fileuri={fileuri}", ls,
-                                        credentials=True, deadline=deadline)
+        known = require(ls, f"image URL {shown} is relative to Label Studio, but no Label Studio is known: "
+                            f"set LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY) or connect the model in "
+                            f"Label Studio")
+        return self._transport.download(known.base + path, known, credentials=True, deadline=deadline)
