@@ -19,7 +19,8 @@ from sam_backend.labelstudio import prompting
 from sam_backend.encoding import rle
 from sam_backend.cache import EmbeddingCache, RecentImages
 from sam_backend.errors import ImageError, RequestError
-from sam_backend.images import ImageLoader, LabelStudioAccess, redact_url
+from sam_backend.images import ImageLoader, LabelStudioAccess
+from sam_backend.images.redact import redact_url
 from sam_backend.sam.types import Embedding, Predictor
 from sam_backend.lru import BoundedLRU
 from sam_backend.settings import Settings

@@ -23,7 +23,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam_backend.images import ImageError, ImageLoader, LabelStudioAccess, address_problem, redact_url, token_kind
+from sam_backend.errors import ImageError
+from sam_backend.images import ImageLoader, LabelStudioAccess
+from sam_backend.images.credentials import token_kind
+from sam_backend.images.redact import redact_url
+from sam_backend.images.transport import address_problem
 from sam_backend.settings import Settings
 
 LEGACY = "legacy-0123456789abcdef-secret"
@@ -882,7 +886,7 @@ def test_https_verifies_the_certificate_against_the_host_name(https_server, cert
     resolve({"img.test": ["127.0.0.2"], "other.test": ["127.0.0.2"]})
     images = loader(allow_private_hosts=True)
     assert "TLS" in expect(502, lambda: images.fetch(f"https://127.0.0.2:{port}/a.png")).message  # unknown CA
-    monkeypatch.setattr("sam_backend.images._CA_CERTS", str(certificate[0]))
+    monkeypatch.setattr("sam_backend.images.transport._CA_CERTS", str(certificate[0]))
     assert images.fetch(f"https://127.0.0.2:{port}/a.png") == IMAGE
     assert images.fetch(f"https://img.test:{port}/a.png") == IMAGE
     expect(502, lambda: images.fetch(f"https://other.test:{port}/a.png"))  # the certificate is not for it
@@ -890,7 +894,7 @@ def test_https_verifies_the_certificate_against_the_host_name(https_server, cert
 
 def test_https_peer_check(https_server, certificate, monkeypatch, resolve, loopback_only):
     port = https_server.server_address[1]
-    monkeypatch.setattr("sam_backend.images._CA_CERTS", str(certificate[0]))
+    monkeypatch.setattr("sam_backend.images.transport._CA_CERTS", str(certificate[0]))
     resolve({"img.test": [["93.184.216.34"], ["127.0.0.2"]]})
     error = expect(403, lambda: loader().fetch(f"https://img.test:{port}/a.png"))
     assert "connected to 127.0.0.2" in error.message
