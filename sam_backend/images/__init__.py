@@ -91,6 +91,12 @@ class ImageLoader:
         if not isinstance(url, str) or not url.strip():
             raise ImageError(400, "the task's image URL is empty")
         url = url.strip()
+        if not url.isascii():
+            try:
+                url.encode("utf-8")
+            except UnicodeEncodeError:  # JSON's "\ud800" escapes decode to lone surrogates, which no URL can hold
+                raise ImageError(400, "the task's image URL is not valid Unicode text (it holds a lone surrogate "
+                                      "code point)") from None
         deadline = time.monotonic() + TOTAL_TIMEOUT_FACTOR * self.settings.image_timeout
         ls = resolve_label_studio(self.settings, fallback)
         scheme = scheme_of(url)

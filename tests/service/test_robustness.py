@@ -618,6 +618,39 @@ def test_local_files_traversal_never_returns_the_file(base_settings, torch_predi
         backend.close()
 
 
+def test_local_files_fifos_and_links_neither_hang_nor_escape(base_settings, torch_predictor, tmp_path):
+    """A FIFO under the root used to hang the request thread (opened before the regular-file check), and a folder
+    swapped for a link between the path check and the open escaped the root: now nothing blocks and no link is
+    followed (the file is opened component by component from the root)."""
+    import os
+
+    root = tmp_path / "files"
+    (root / "photos").mkdir(parents=True)
+    os.mkfifo(root / "photos" / "pipe.jpg")
+    (root / "linked").symlink_to(tmp_path)  # as if swapped in for a real folder after a check
+    (tmp_path / "secret.jpg").write_bytes(b"secret outside the root")
+    backend = make_live_backend(base_settings, torch_predictor, local_files_root=root)
+    try:
+        started = time.monotonic()
+        answer = send(backend.url, body_for("keypoints_positive_and_negative", "/data/local-files/?d=photos/pipe.jpg"))
+        assert_json_error(answer, 404, "not a regular file")
+        assert time.monotonic() - started < 30
+        answer = send(backend.url, body_for("keypoints_positive_and_negative", "/data/local-files/?d=linked/secret.jpg"))
+        assert_json_error(answer, 403, "symbolic link")
+        assert "secret outside" not in answer.text
+        assert_healthy(backend.url)
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("image", ["s3://bucket/\ud800.png", "http://us\udfffer:pw@127.0.0.1:9/a.png"])
+def test_a_lone_surrogate_in_an_image_url_is_a_400(live_backend, image):
+    """JSON's \\ud800 escapes decode to lone surrogates; encoding them for the URL was a 500 with a traceback."""
+    answer = send(live_backend.url, body_for("keypoints_positive_and_negative", image))
+    assert_json_error(answer, 400, "surrogate")
+    assert_healthy(live_backend.url)
+
+
 # ---- HTTP Basic auth ----------------------------------------------------------------------------------------------
 USER, PASSWORD = "labeler", "s3cret-pässwörd:with:colons"
 

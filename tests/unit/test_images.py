@@ -620,7 +620,7 @@ def test_local_files_read_from_the_document_root(root, ls):
     assert images.fetch("/data/local-files?d=dir%2Fimg.png") == data
     assert images.fetch("/data/local-files/?d=/dir/img.png") == data  # relative to the root, as in Label Studio
     assert images.fetch("/data/local-files/?d=dir/../dir/./img.png") == data
-    assert images.fetch("/data/local-files/?d=inside.png") == data  # a symlink that stays inside
+    expect(403, lambda: images.fetch("/data/local-files/?d=inside.png"))  # links are never followed (races)
     assert images.fetch(ls.url + "/data/local-files/?d=dir/img.png", LabelStudioAccess(ls.url, LEGACY)) == data
     assert ls.server.requests == []
 
@@ -633,6 +633,28 @@ def test_local_files_refusals(root, path, status):
     error = expect(status, lambda: loader(local_files_root=root, max_image_bytes=4000)
                    .fetch(f"/data/local-files/?d={path}"))
     assert str(root.parent) not in error.message or status == 403
+
+
+def test_local_files_never_block_on_a_fifo_nor_follow_a_linked_folder(root):
+    import os
+    import threading
+
+    os.mkfifo(root / "dir" / "pipe.png")
+    (root / "linked").symlink_to(root / "dir")  # points inside, and is refused all the same
+    images = loader(local_files_root=root)
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(
+        error=expect(404, lambda: images.fetch("/data/local-files/?d=dir/pipe.png"))), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "reading a FIFO under the root blocked the request"
+    assert "not a regular file" in outcome["error"].message
+    assert "symbolic link" in expect(403, lambda: images.fetch("/data/local-files/?d=linked/img.png")).message
+
+
+def test_a_lone_surrogate_in_a_url_is_a_client_error():
+    for url in ("s3://bucket/\ud800.png", "http://us\udfffer:pw@example.com/a.png", "/data/upload/\ud800.png"):
+        assert "surrogate" in expect(400, lambda: loader().fetch(url, task_id=1)).message
 
 
 def test_absolute_local_path_stays_under_the_root(root, tmp_path):
