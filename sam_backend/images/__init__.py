@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+
 
 from sam_backend.errors import ImageError
-from sam_backend.images.credentials import LabelStudio
+from sam_backend.images.credentials import LabelStudio, LabelStudioAccess
 from sam_backend.images.decode import decode_image
 from sam_backend.images.local_files import local_root, read_local
 from sam_backend.images.redact import redact_url
@@ -56,17 +56,6 @@ from sam_backend.images.transport import TOTAL_TIMEOUT_FACTOR, Transport
 from sam_backend.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LabelStudioAccess:
-    """Where a Label Studio is and how to authenticate to it.
-
-    `url`: its base URL, e.g. `http://127.0.0.1:8080`; `token`: a legacy token or a personal access token (PAT).
-    """
-
-    url: str
-    token: str = field(repr=False)
 
 
 class ImageLoader:

@@ -38,6 +38,17 @@ TOKEN_NAMES = {"legacy": "legacy token", "pat": "personal access token (PAT)", "
 
 
 @dataclass(frozen=True)
+class LabelStudioAccess:
+    """Where a Label Studio is and how to authenticate to it.
+
+    `url`: its base URL, e.g. `http://127.0.0.1:8080`; `token`: a legacy token or a personal access token (PAT).
+    """
+
+    url: str
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class LabelStudio:
     """A Label Studio resolved for one fetch: base URL without trailing slash, its origin, its token."""
 

@@ -17,16 +17,13 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from sam_backend.errors import ImageError
-from sam_backend.images.credentials import LabelStudio
+from sam_backend.images.credentials import LabelStudio, LabelStudioAccess
 from sam_backend.images.redact import redact_url
 from sam_backend.settings import Settings
 
-if TYPE_CHECKING:
-    from sam_backend.images import LabelStudioAccess
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 #: paths (after Label Studio's base path) that serve task media and get credentials
