@@ -43,7 +43,6 @@ from __future__ import annotations
 import logging
 import time
 
-
 from sam_backend.errors import ImageError
 from sam_backend.images.credentials import LabelStudio, LabelStudioAccess
 from sam_backend.images.decode import decode_image
