@@ -20,9 +20,6 @@ import logging
 import math
 import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +34,8 @@ import requests
 import skimage.data
 from label_studio_sdk.converter.brush import decode_rle
 
-from conftest import LS_TOKEN, ROOT, make_live_backend
+from conftest import LS_TOKEN, make_live_backend
+from tools.harness.processes import GunicornBackend, environment
 from tools.harness.scenes import scene
 from tools.harness import RECORDINGS
 
@@ -745,7 +743,7 @@ def test_tokens_never_reach_logs_or_answers(base_settings, torch_predictor, imag
             f"{other}/cat.jpg?X-Amz-Signature=SECRETsig0004",
             "s3://bucket/cat.jpg",
             f"{IMAGE}?token=SECRETquery0001",
-            f"http://user:SECRETuser0002@127.0.0.2:1/x.jpg",
+            "http://user:SECRETuser0002@127.0.0.2:1/x.jpg",
             "/data/upload/7/../../api/token?token=SECRETquery0001",
         ]
         setup = recorded("add_model", "/setup")
@@ -902,30 +900,17 @@ def test_many_threads_on_mixed_images_classes_and_conventions_get_the_single_thr
 
 
 # ---- start-up ----------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_gunicorn(tmp_path: Path, timeout: float = 180, **environ: str) -> tuple[int | None, str, float]:
-    """Run `gunicorn --bind 127.0.0.1:<free port> _wsgi:app` as users do; (exit code or None if still running
-    after `timeout`, stderr, seconds)."""
-    env = {k: v for k, v in os.environ.items() if k != "GUNICORN_CMD_ARGS" and not k.startswith("BASIC_AUTH")}
-    env.update(environ)
-    gunicorn = Path(sys.executable).parent / "gunicorn"
+    """Run `gunicorn -c gunicorn.conf.py --bind 127.0.0.1:<free port> _wsgi:app` as users do; (exit code or None
+    if still running after `timeout`, its output, seconds)."""
+    backend = GunicornBackend(tmp_path / "gunicorn.log", append=False)
     started = time.monotonic()
-    with open(tmp_path / "stderr.txt", "w+b") as stderr:
-        process = subprocess.Popen([str(gunicorn), "--bind", f"127.0.0.1:{free_port()}", "_wsgi:app"], cwd=ROOT,
-                                   env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-        try:
-            code = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            code = None
-        stderr.seek(0)
-        return code, stderr.read().decode(errors="replace"), time.monotonic() - started
+    backend.launch(environment(environ, drop=("GUNICORN_CMD_ARGS", "BASIC_AUTH_USER", "BASIC_AUTH_PASS")))
+    try:
+        code = backend.wait(timeout)
+    finally:
+        backend.stop()
+    return code, backend.log_path.read_text(errors="replace"), time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
