@@ -31,15 +31,12 @@ average and Linux's CPU pressure are recorded before and after each mode; number
 from __future__ import annotations
 
 import argparse
-import atexit
 import gc
 import hashlib
 import io
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -51,6 +48,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from tools.harness.processes import GunicornBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -339,140 +338,6 @@ def open_body(image: BenchImage, task_id: int) -> dict:
 
 
 # ---- the server under test ----------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    """Child process ids of `pid` (from /proc/<pid>/task/*/children, else by scanning /proc/*/stat)."""
-    found: list[int] = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            found += [int(p) for p in (task / "children").read_text().split()]
-    except OSError:
-        pass
-    if found:
-        return sorted(set(found))
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return sorted(found)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far (all its threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def memory_mb(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM (peak RSS) of `pid` in MiB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = round(int(rest.split()[0]) / 1024, 1)
-    return values
-
-
-_running: list["Server"] = []
-
-
-class Server:
-    """`gunicorn -c gunicorn.conf.py --bind 127.0.0.1:<port> _wsgi:app` with one worker of 8 threads."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, app: str = "_wsgi:app") -> None:
-        self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = env
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-        self.worker: int | None = None
-
-    def start(self, timeout: float = 300.0) -> float:
-        """Start and wait for /health; returns the seconds it took."""
-        import requests
-
-        gunicorn = Path(sys.executable).with_name("gunicorn")
-        command = [str(gunicorn) if gunicorn.exists() else "gunicorn", "-c", "gunicorn.conf.py",
-                   "--bind", f"127.0.0.1:{self.port}", self.app]
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
-        started = time.monotonic()
-        self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        log.close()
-        _running.append(self)
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log_tail()}")
-            if time.monotonic() - started > timeout:
-                raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s:\n{self.log_tail()}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        elapsed = time.monotonic() - started
-        workers = children(self.process.pid)
-        if len(workers) != 1:
-            raise RuntimeError(f"expected one gunicorn worker under {self.process.pid}, found {workers}")
-        self.worker = workers[0]
-        return elapsed
-
-    def memory(self) -> dict[str, float]:
-        assert self.worker is not None
-        return memory_mb(self.worker)
-
-    def cpu(self) -> float:
-        assert self.worker is not None
-        return cpu_seconds(self.worker)
-
-    def metrics(self) -> dict:
-        import requests
-
-        return requests.get(self.url + "/metrics", timeout=10).json()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if self in _running:
-            _running.remove(self)
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)  # gunicorn's master stops its worker
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            for pid in [self.worker, process.pid]:
-                if pid:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-            process.wait(timeout=10)
-
-
-@atexit.register
-def _stop_servers() -> None:
-    for server in list(_running):
-        server.stop()
-
-
 class Client:
     """One user: a keep-alive HTTP session to the backend."""
 
@@ -718,7 +583,8 @@ def http_run(mode: str, env: dict[str, str], plan: Plan, images: ImageSet, sizes
              say: Callable[[str], None], app: str = "_wsgi:app") -> tuple[dict, dict]:
     """The HTTP measurements of one mode; also returns the in-process click parts (ms) per size, each taken
     `plan.pause` seconds after the warm HTTP click of the same prompt."""
-    server = Server(env, log_dir / f"bench-server-{mode}.log", app)
+    # `gunicorn -c gunicorn.conf.py --bind 127.0.0.1:<port> _wsgi:app` with one worker of 8 threads (see server_env)
+    server = GunicornBackend(log_dir / f"bench-server-{mode}.log", app, append=False)
     ids = TaskIds()
     out: dict[str, Any] = {"loadavg_before": load(), "cpu_pressure_avg60_before": cpu_pressure()}
     retries = Client.retries
@@ -730,7 +596,8 @@ def http_run(mode: str, env: dict[str, str], plan: Plan, images: ImageSet, sizes
         return image
 
     try:
-        out["startup_s"] = round(server.start(), 2)
+        server.start(env, interval=0.2, single_worker=True)
+        out["startup_s"] = round(server.startup_s, 2)
         time.sleep(1.0)
         out["rss_startup_mb"] = server.memory()
         say(f"  server up in {out['startup_s']} s, worker {server.worker}, RSS {out['rss_startup_mb']}")

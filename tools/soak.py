@@ -33,9 +33,6 @@ import math
 import os
 import random
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 import requests
+
+from tools.harness.processes import GunicornBackend, HarnessError, environment, rss_kib
 
 HERE = Path(__file__).resolve().parent.parent  # the repository
 FIXTURES = HERE / "tools" / "harness" / "recordings" / "ls_1_23_interactive_bodies.json"
@@ -124,72 +123,6 @@ class StandInLabelStudio:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-# ---- the server under test ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def rss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(p) for p in (task / "children").read_text().split()]
-        except FileNotFoundError:
-            pass
-    return found
-
-
-class Backend:
-    def __init__(self, environ: dict[str, str], logs: Path, timeout: float) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if k != "GUNICORN_CMD_ARGS"}
-        env.update(environ)
-        gunicorn = Path(sys.executable).parent / "gunicorn"
-        self.log_path = logs
-        self._log = open(logs, "wb")
-        self.process = subprocess.Popen([str(gunicorn), "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}",
-                                         "_wsgi:app"], cwd=HERE, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.process.returncode}; see {logs}")
-            try:
-                if requests.get(self.url + "/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the backend did not answer /health within {timeout:.0f} s; see {logs}")
-            time.sleep(0.5)
-        workers = children(self.process.pid)
-        if len(workers) != 1:
-            raise RuntimeError(f"expected one gunicorn worker, found {workers} (WORKERS must be 1 for the soak)")
-        self.worker = workers[0]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 # ---- the calls ------------------------------------------------------------------------------------------------
@@ -389,9 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop(name, None)
     logs = Path(tempfile.mkdtemp(prefix="soak-")) / "gunicorn.log"
     print(f"starting gunicorn (log: {logs}) ...", flush=True)
+    backend = GunicornBackend(logs, append=False)
     try:
-        backend = Backend(environ, logs, args.startup_timeout)
-    except RuntimeError as error:
+        backend.start(environment(environ), timeout=args.startup_timeout, single_worker=True)
+    except HarnessError as error:
         print(f"FAILED to start: {error}", file=sys.stderr)
         print(logs.read_text(errors="replace")[-3000:], file=sys.stderr)
         label_studio.close()
@@ -464,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     time.sleep(2)  # let prewarming finish before the last sample
     end_rss = rss_kib(backend.worker)
     stop.set()
-    alive = backend.process.poll() is None and rss_kib(backend.worker) is not None
+    alive = backend.alive() and rss_kib(backend.worker) is not None
     try:
         metrics = requests.get(backend.url + "/metrics", timeout=30).json()
         health = requests.get(backend.url + "/health", timeout=30).status_code

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from tools import bench
+from tools.harness import processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,11 +84,11 @@ def test_children_and_memory_of_a_process():
     child = None
     try:
         deadline = time.monotonic() + 30
-        while not bench.children(parent.pid):
+        while not processes.children(parent.pid):
             assert time.monotonic() < deadline, "the child never appeared"
             time.sleep(0.05)
-        (child,) = bench.children(parent.pid)
-        memory = bench.memory_mb(child)
+        (child,) = processes.children(parent.pid)
+        memory = processes.memory_mb(child)
         assert memory["VmRSS"] > 1 and memory["VmHWM"] >= memory["VmRSS"]
     finally:
         if child is not None:
