@@ -26,13 +26,11 @@ import shlex
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -43,6 +41,7 @@ import yaml
 from sam_backend import settings
 from tools.harness import processes
 from tools.harness.processes import GunicornBackend, HarnessError, free_port
+from tools.harness.stub_label_studio import LoopbackServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -633,30 +632,21 @@ def health_script(port: int, **environment: str) -> subprocess.CompletedProcess:
 
 @contextlib.contextmanager
 def http_server(handler_status: int = 200, expect_auth: str | None = None):
+    """A stand-in backend whose /health answers `handler_status` (401 without `expect_auth`, when given)."""
     seen: list[dict] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            seen.append({"path": self.path, "authorization": self.headers.get("Authorization")})
-            status = handler_status
-            if expect_auth is not None and self.headers.get("Authorization") != expect_auth:
-                status = 401
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"status": "UP"}')
+    def app(h, _):
+        seen.append({"path": h.path, "authorization": h.headers.get("Authorization")})
+        status = handler_status
+        if expect_auth is not None and h.headers.get("Authorization") != expect_auth:
+            status = 401
+        h.send(status, b'{"status": "UP"}', {"Content-Type": "application/json"}, length=None)
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = LoopbackServer(app)
     try:
-        yield server.server_address[1], seen
+        yield server.port, seen
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
 
 
 def test_health_script_passes_on_200_and_fails_otherwise():

@@ -20,11 +20,9 @@ import logging
 import math
 import os
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +35,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from conftest import LS_TOKEN, make_live_backend
 from tools.harness.processes import GunicornBackend, environment
 from tools.harness.scenes import scene
+from tools.harness.stub_label_studio import LoopbackServer, static
 from tools.harness import RECORDINGS
 
 FIXTURES = json.loads((RECORDINGS / "ls_1_23_interactive_bodies.json").read_text())
@@ -563,24 +562,9 @@ def not_label_studio():
 
     buffer = io.BytesIO()
     Image.fromarray(CHELSEA).save(buffer, format="JPEG")
-    hits: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.end_headers()
-            self.wfile.write(buffer.getvalue())
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.2:{server.server_address[1]}", hits
-    server.shutdown()
-    server.server_close()
+    server = LoopbackServer(static(buffer.getvalue(), headers={"Content-Type": "image/jpeg"}), "127.0.0.2")
+    yield server.url, server.requests
+    server.stop()
 
 
 def test_a_loopback_server_that_is_not_label_studio_is_refused(live_backend, images, not_label_studio):
