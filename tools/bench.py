@@ -43,13 +43,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from tools.harness.processes import GunicornBackend
+from tools.harness.stub_label_studio import FakeLabelStudio
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,56 +195,6 @@ def machine_info() -> dict[str, Any]:
 
 
 # ---- Label Studio on loopback ----------------------------------------------------------------------------------------
-class FakeLabelStudio:
-    """Serves task images like Label Studio's /data/upload/..., only to `Authorization: Token <TOKEN>`.
-
-    Counts the GETs of each path, which tells how often the backend downloads an image it has seen.
-    """
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.downloads: dict[str, int] = {}
-        self._lock = threading.Lock()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
-                if self.headers.get("Authorization") != f"Token {TOKEN}":
-                    self.send_response(401)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                body = owner.files.get(self.path)
-                if body is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                with owner._lock:
-                    owner.downloads[self.path] = owner.downloads.get(self.path, 0) + 1
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True, name="fake-label-studio").start()
-
-    def count(self, path: str) -> int:
-        with self._lock:
-            return self.downloads.get(path, 0)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @dataclass(frozen=True)
 class BenchImage:
     path: str  # Label Studio media path
@@ -1005,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
                                "modes": {}}
     say(f"load average {results['machine']['loadavg_start']} on {results['machine']['cpus']} CPUs "
         f"({results['machine']['cpu_model']})")
-    label_studio = FakeLabelStudio()
+    label_studio = FakeLabelStudio(TOKEN)
     images = ImageSet(label_studio)
     masks: list[np.ndarray] = []
     try:

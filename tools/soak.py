@@ -39,13 +39,13 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import requests
 
 from tools.harness.processes import GunicornBackend, HarnessError, environment, rss_kib
+from tools.harness.stub_label_studio import FakeLabelStudio
 
 HERE = Path(__file__).resolve().parent.parent  # the repository
 FIXTURES = HERE / "tools" / "harness" / "recordings" / "ls_1_23_interactive_bodies.json"
@@ -85,44 +85,6 @@ def make_images(count: int, rng: random.Random) -> list[tuple[str, bytes, int, i
         Image.fromarray(resized).save(buffer, format="PNG" if kind == "png" else "JPEG", quality=90)
         images.append((f"/data/upload/1/{index:03d}-{name}.{kind}", buffer.getvalue(), out_w, out_h))
     return images
-
-
-class StandInLabelStudio:
-    """Serves the images at their /data/upload paths to callers with `Authorization: Token <token>`."""
-
-    def __init__(self, files: dict[str, bytes], token: str) -> None:
-        self.hits = Counter()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):  # noqa: N802
-                body = files.get(self.path)
-                if self.headers.get("Authorization") != f"Token {token}":
-                    status, body = 401, b""
-                elif body is None:
-                    status, body = 404, b""
-                else:
-                    status = 200
-                owner.hits[status] += 1
-                self.send_response(status)
-                self.send_header("Content-Type", "image/png" if self.path.endswith(".png") else "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # ---- the calls ------------------------------------------------------------------------------------------------
@@ -310,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  sizes from {sizes[0][0]}x{sizes[0][1]} to {sizes[-1][0]}x{sizes[-1][1]}, "
           f"{sum(len(b) for _, b, _, _ in images) / 2**20:.1f} MiB encoded", flush=True)
     token = secrets.token_hex(20)
-    label_studio = StandInLabelStudio({path: data for path, data, _, _ in images}, token)
+    label_studio = FakeLabelStudio(token, keep_alive=True)
+    label_studio.files.update({path: data for path, data, _, _ in images})
     environ = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": token, "WORKERS": "1",
                "LOG_LEVEL": "warning"}
     environ.update({"MOBILESAM_CHECKPOINT": args.checkpoint} if args.checkpoint else {})
@@ -449,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     good = [o.seconds for o in outcomes if o.status == 200 and o.kind != "open"]
     print(f"latency, interactive 200s: {percentiles(good)}")
     cache = metrics.get("embedding_cache", {}) if isinstance(metrics, dict) else {}
-    print(f"embedding cache: {cache}; images served by the stand-in: {dict(label_studio.hits)}")
+    print(f"embedding cache: {cache}; images served by the stand-in: {dict(label_studio.statuses())}")
     print(f"after the run: worker alive {alive}, /health {health}")
     if unexpected:
         print(f"UNEXPECTED answers: {len(unexpected)}")

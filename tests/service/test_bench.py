@@ -15,13 +15,14 @@ import requests
 
 from tools import bench
 from tools.harness import processes
+from tools.harness.stub_label_studio import FakeLabelStudio
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def label_studio():
-    server = bench.FakeLabelStudio()
+    server = FakeLabelStudio(bench.TOKEN)
     yield server
     server.close()
 
