@@ -9,7 +9,7 @@
 For every mode the server is started as `make run` starts it (`gunicorn -c gunicorn.conf.py --bind
 127.0.0.1:<free port> _wsgi:app`, WORKERS=1, THREADS=8) against a loopback image server playing Label Studio
 (it serves /data/upload/... only to `Authorization: Token <token>`), and is fed bodies shaped like the ones a real
-Label Studio 1.23 sent (tools/harness/recordings/ls_1_23_interactive_bodies.json). Measured, per mode:
+Label Studio 1.23 sent (tools/harness/bodies/ls_1_23_interactive_bodies.json). Measured, per mode:
 
 * in-process, before the server starts: image download from the loopback Label Studio, sha256 of the bytes,
   image decode, embedding (preprocessing and encoder; after one untimed warm-up run);
@@ -54,7 +54,7 @@ from tools.harness.stub_label_studio import FakeLabelStudio
 ROOT = Path(__file__).resolve().parent.parent
 
 MODELS = ROOT / "models"
-FIXTURES = ROOT / "tools" / "harness" / "recordings" / "ls_1_23_interactive_bodies.json"
+FIXTURES = ROOT / "tools" / "harness" / "bodies" / "ls_1_23_interactive_bodies.json"
 DEFAULT_JSON = ROOT / "artifacts" / "bench.json"
 TOKEN = "bench0legacy0token"
 

@@ -48,7 +48,7 @@ from tools.harness.processes import GunicornBackend, HarnessError, environment, 
 from tools.harness.stub_label_studio import FakeLabelStudio
 
 HERE = Path(__file__).resolve().parent.parent  # the repository
-FIXTURES = HERE / "tools" / "harness" / "recordings" / "ls_1_23_interactive_bodies.json"
+FIXTURES = HERE / "tools" / "harness" / "bodies" / "ls_1_23_interactive_bodies.json"
 #: scikit-image photos that ship with the package (no download)
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "camera", "coins", "moon", "grass",
           "gravel", "brick", "immunohistochemistry", "colorwheel"]

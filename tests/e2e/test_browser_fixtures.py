@@ -1,6 +1,6 @@
 """The backend over real HTTP, fed the bodies Label Studio 1.23.2 sent while its real editor was used in Chromium.
 
-tools/harness/recordings/editor_1_23_bodies.json was recorded by tests/test_browser.py (BROWSER_TEST_RECORD=1): a recording
+tools/harness/bodies/editor_1_23_bodies.json was recorded by tests/test_browser.py (BROWSER_TEST_RECORD=1): a recording
 proxy between Label Studio and the backend kept every request while a person's actions were played in the
 labeling editor — open the task, a smart-keypoint click on the cat, a negative point (alt-click, or the seed's
 `-1` label), a box with the smart rectangle tool, accept, submit — for the native and the alias label convention.

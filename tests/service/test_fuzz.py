@@ -1,6 +1,6 @@
 """Property-based fuzzing of `/predict` over real HTTP (issue #6): whatever the body, never a 5xx, always JSON.
 
-Bodies are mutations of the ones a real Label Studio 1.23.2 sent (tools/harness/recordings): values of random types at random
+Bodies are mutations of the ones a real Label Studio 1.23.2 sent (tools/harness/bodies): values of random types at random
 paths, special numbers (NaN, infinities, huge, negative, tiny), random strings and labels, missing keys, extra keys,
 deep nesting, lists in place of objects and the reverse. Each answer must be either 200 with `results` (one per task)
 or a 4xx with a non-empty `error` string, and the server must answer `/health` after it.

@@ -1,4 +1,4 @@
-"""The backend over real HTTP, fed the exact bodies a real Label Studio 1.23.2 sent (tools/harness/recordings), with real
+"""The backend over real HTTP, fed the exact bodies a real Label Studio 1.23.2 sent (tools/harness/bodies), with real
 MobileSAM weights. Masks are checked against the torch predictor called directly with the prompt the body means.
 
 Every test runs twice: with the server on torch (AdvancedSAM) and on ONNX Runtime (RUN_ONNX_SAM=true; the files

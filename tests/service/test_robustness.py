@@ -2,7 +2,7 @@
 
 * Every client fault is a 4xx with a JSON body `{"error": ...}` naming the field, label or (redacted) URL, and the
   server keeps serving (`/health` answers after each case). Bodies are Label Studio's recorded ones
-  (tools/harness/recordings) with one thing broken.
+  (tools/harness/bodies) with one thing broken.
 * A server fault is a 5xx JSON body without a traceback; the traceback goes to the log.
 * HTTP Basic auth guards every route; Label Studio's way of sending it (python-requests, Latin-1) works.
 * No token or password reaches a log record or a response.
