@@ -50,6 +50,8 @@ from browser_helpers import (  # noqa: E402
 )
 from labelstudio import Backend, HarnessError, LabelStudio, install_label_studio  # noqa: E402
 
+from tools.harness import recordings  # noqa: E402
+
 # pytest.ini should list the marker (see the report of issue #8); until it does, register it here so that
 # --strict-markers accepts it.
 _config = getattr(pytest.mark, "_config", None)
@@ -60,7 +62,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.labelstudio]
 
 W, H = 451, 300
 ARTIFACTS = REPO / "artifacts" / "browser"
-FIXTURE = REPO / "tools" / "harness" / "bodies" / "editor_1_23_bodies.json"
+FIXTURE = recordings.EDITOR  # tools/harness/bodies/editor_1_23_bodies.json
 DOCS_SCREENSHOT = REPO / "docs" / "editor-mask.png"
 RECORD = os.environ.get("BROWSER_TEST_RECORD", "").strip().lower() in ("1", "true", "yes", "on")
 

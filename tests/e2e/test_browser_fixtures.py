@@ -12,7 +12,6 @@ with the prompt the body means. No browser and no Label Studio are needed.
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import requests
@@ -20,10 +19,10 @@ import skimage.data
 
 from browser_helpers import decode_brush, expected_prompts, iou
 from sam_backend.sam.types import Prompt
-from tools.harness import RECORDINGS
+from tools.harness import recordings
 
-FIXTURE = RECORDINGS / "editor_1_23_bodies.json"
-RECORDING = json.loads(FIXTURE.read_text())
+FIXTURE = recordings.EDITOR
+RECORDING = recordings.document(FIXTURE)
 FLOWS = RECORDING["flows"]
 W, H = 451, 300
 #: Each flow gets its own task id and image path: the backend remembers prompts per (project, task, image).

@@ -23,11 +23,10 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from conftest import LS_TOKEN, make_live_backend
-from tools.harness import RECORDINGS
+from tools.harness import recordings
 
-FIXTURES = json.loads((RECORDINGS / "ls_1_23_interactive_bodies.json").read_text())
 IMAGE = "/data/upload/11/chelsea.jpg"
-BASES = {call["name"]: call["body"] for call in FIXTURES["calls"] if call["path"] == "/predict"}
+BASES = recordings.bodies("/predict")
 
 # A known defect outside this suite's files (see tests/test_robustness.py, MODEL_TASK_KEY): an unhashable
 # body.project or tasks[i].id is a TypeError -> 500 in model.py. Tolerated here only with exactly that signature.

@@ -29,25 +29,17 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import requests
-import skimage.data
 from label_studio_sdk.converter.brush import decode_rle
 
 from conftest import LS_TOKEN, make_live_backend
 from tools.harness.processes import GunicornBackend, environment
 from tools.harness.scenes import scene
 from tools.harness.stub_label_studio import LoopbackServer, static
-from tools.harness import RECORDINGS
+from tools.harness.recordings import CHELSEA, recorded
 
-FIXTURES = json.loads((RECORDINGS / "ls_1_23_interactive_bodies.json").read_text())
-CHELSEA = skimage.data.chelsea()  # 300 x 451, the image of the recordings
 IMAGE = "/data/upload/7/chelsea.jpg"
 MISSING = "/data/upload/7/missing.jpg"
 NOT_AN_IMAGE = "/data/upload/7/notes.jpg"
-
-def recorded(name: str, path: str = "/predict") -> dict:
-    call = next(c for c in FIXTURES["calls"] if c["name"] == name and c["path"] == path)
-    return copy.deepcopy(call["body"])
-
 
 TASK_IDS = itertools.count(600)
 
