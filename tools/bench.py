@@ -49,12 +49,12 @@ from typing import Any, Callable
 import numpy as np
 
 from tools.harness.processes import GunicornBackend
+from tools.harness.recordings import recorded
 from tools.harness.stub_label_studio import FakeLabelStudio
 
 ROOT = Path(__file__).resolve().parent.parent
 
 MODELS = ROOT / "models"
-FIXTURES = ROOT / "tools" / "harness" / "bodies" / "ls_1_23_interactive_bodies.json"
 DEFAULT_JSON = ROOT / "artifacts" / "bench.json"
 TOKEN = "bench0legacy0token"
 
@@ -255,17 +255,6 @@ class ImageSet:
 
 
 # ---- request bodies, as Label Studio 1.23 sends them ------------------------------------------------------------------
-_recorded: dict[str, dict] | None = None
-
-
-def recorded(name: str) -> dict:
-    global _recorded
-    if _recorded is None:
-        calls = json.loads(FIXTURES.read_text())["calls"]
-        _recorded = {c["name"]: c["body"] for c in calls if c["path"] == "/predict"}
-    return json.loads(json.dumps(_recorded[name]))
-
-
 def click_body(image: BenchImage, x: float, y: float, task_id: int) -> dict:
     """One positive keypoint at (x, y) percent: the first click on an object."""
     body = recorded("keypoints_positive_and_negative")

@@ -44,11 +44,10 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from tools.harness import recordings
 from tools.harness.processes import GunicornBackend, HarnessError, environment, rss_kib
 from tools.harness.stub_label_studio import FakeLabelStudio
 
-HERE = Path(__file__).resolve().parent.parent  # the repository
-FIXTURES = HERE / "tools" / "harness" / "bodies" / "ls_1_23_interactive_bodies.json"
 #: scikit-image photos that ship with the package (no download)
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "camera", "coins", "moon", "grass",
           "gravel", "brick", "immunohistochemistry", "colorwheel"]
@@ -110,8 +109,7 @@ class Templates:
 
     @classmethod
     def load(cls) -> "Templates":
-        recorded = json.loads(FIXTURES.read_text())["calls"]
-        return cls({c["name"]: c["body"] for c in recorded if c["path"] == "/predict"})
+        return cls(recordings.bodies("/predict"))
 
     def body(self, name: str, image: str, task_id: int, width: int, height: int) -> dict:
         body = copy.deepcopy(self.calls[name])
