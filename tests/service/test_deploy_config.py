@@ -389,7 +389,7 @@ def test_files_the_build_copies_exist_and_are_not_dockerignored():
     assert not missing, f"the Docker build copies files that are not in the repository: {missing}"
     excluded = sorted(name for name in needed if ignored(name))
     assert not excluded, f".dockerignore excludes files the build needs: {excluded}"
-    for secret_or_bulk in (".env", ".venv/bin/python", "models/mobile_sam.pt", ".git/HEAD", "tools/bench.py",
+    for secret_or_bulk in (".env", ".venv/bin/python", "models/mobile_sam.pt", ".git/HEAD", "tools/bench/__main__.py",
                            "tools/soak.py", "tools/harness/scenes.py"):
         assert ignored(secret_or_bulk), f".dockerignore lets {secret_or_bulk} into the build context"
 
