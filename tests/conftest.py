@@ -1,4 +1,5 @@
-"""Shared fixtures: real MobileSAM weights, real photos, a predictor, and a local image server."""
+"""Shared fixtures: real MobileSAM weights, real photos, a predictor, and a local image server
+(tools/harness/stub_label_studio.py)."""
 from __future__ import annotations
 
 import os
@@ -29,59 +30,10 @@ def torch_predictor(mobile_sam_checkpoint):
 
 
 # ---- real HTTP on loopback ------------------------------------------------------------------------------
-import io  # noqa: E402
 import threading  # noqa: E402
 from dataclasses import replace  # noqa: E402
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 
-LS_TOKEN = "test0legacy0token"
-
-
-class FakeLabelStudio:
-    """Plays Label Studio's file serving on loopback: GET /data/upload/... with `Token <LS_TOKEN>` only."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.requests: list[tuple[str, str]] = []  # (path, Authorization header)
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
-                owner.requests.append((self.path, self.headers.get("Authorization", "")))
-                if self.headers.get("Authorization") != f"Token {LS_TOKEN}":
-                    self.send_response(401)
-                    self.end_headers()
-                    return
-                body = owner.files.get(self.path)
-                if body is None:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def add_image(self, path: str, image) -> str:
-        """Serve `image` ((H, W, 3) uint8) as a JPEG at `path`; returns the path."""
-        from PIL import Image
-
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-        self.files[path] = buffer.getvalue()
-        return path
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+from tools.harness.stub_label_studio import TOKEN as LS_TOKEN, FakeLabelStudio  # noqa: E402
 
 
 class LiveServer:
@@ -101,7 +53,8 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def fake_label_studio():
-    server = FakeLabelStudio()
+    """Label Studio's file serving on loopback: GET /data/upload/... with `Token <LS_TOKEN>` only."""
+    server = FakeLabelStudio(LS_TOKEN)
     yield server
     server.close()
 

@@ -33,23 +33,21 @@ import math
 import os
 import random
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import requests
 
-HERE = Path(__file__).resolve().parent.parent  # the repository
-FIXTURES = HERE / "tools" / "harness" / "recordings" / "ls_1_23_interactive_bodies.json"
+from tools.harness import recordings
+from tools.harness.processes import GunicornBackend, HarnessError, environment, rss_kib
+from tools.harness.stub_label_studio import FakeLabelStudio
+
 #: scikit-image photos that ship with the package (no download)
 PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "camera", "coins", "moon", "grass",
           "gravel", "brick", "immunohistochemistry", "colorwheel"]
@@ -88,110 +86,6 @@ def make_images(count: int, rng: random.Random) -> list[tuple[str, bytes, int, i
     return images
 
 
-class StandInLabelStudio:
-    """Serves the images at their /data/upload paths to callers with `Authorization: Token <token>`."""
-
-    def __init__(self, files: dict[str, bytes], token: str) -> None:
-        self.hits = Counter()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):  # noqa: N802
-                body = files.get(self.path)
-                if self.headers.get("Authorization") != f"Token {token}":
-                    status, body = 401, b""
-                elif body is None:
-                    status, body = 404, b""
-                else:
-                    status = 200
-                owner.hits[status] += 1
-                self.send_response(status)
-                self.send_header("Content-Type", "image/png" if self.path.endswith(".png") else "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-# ---- the server under test ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def rss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(p) for p in (task / "children").read_text().split()]
-        except FileNotFoundError:
-            pass
-    return found
-
-
-class Backend:
-    def __init__(self, environ: dict[str, str], logs: Path, timeout: float) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if k != "GUNICORN_CMD_ARGS"}
-        env.update(environ)
-        gunicorn = Path(sys.executable).parent / "gunicorn"
-        self.log_path = logs
-        self._log = open(logs, "wb")
-        self.process = subprocess.Popen([str(gunicorn), "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}",
-                                         "_wsgi:app"], cwd=HERE, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.process.returncode}; see {logs}")
-            try:
-                if requests.get(self.url + "/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the backend did not answer /health within {timeout:.0f} s; see {logs}")
-            time.sleep(0.5)
-        workers = children(self.process.pid)
-        if len(workers) != 1:
-            raise RuntimeError(f"expected one gunicorn worker, found {workers} (WORKERS must be 1 for the soak)")
-        self.worker = workers[0]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-
-
 # ---- the calls ------------------------------------------------------------------------------------------------
 @dataclass
 class Call:
@@ -215,8 +109,7 @@ class Templates:
 
     @classmethod
     def load(cls) -> "Templates":
-        recorded = json.loads(FIXTURES.read_text())["calls"]
-        return cls({c["name"]: c["body"] for c in recorded if c["path"] == "/predict"})
+        return cls(recordings.bodies("/predict"))
 
     def body(self, name: str, image: str, task_id: int, width: int, height: int) -> dict:
         body = copy.deepcopy(self.calls[name])
@@ -377,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  sizes from {sizes[0][0]}x{sizes[0][1]} to {sizes[-1][0]}x{sizes[-1][1]}, "
           f"{sum(len(b) for _, b, _, _ in images) / 2**20:.1f} MiB encoded", flush=True)
     token = secrets.token_hex(20)
-    label_studio = StandInLabelStudio({path: data for path, data, _, _ in images}, token)
+    label_studio = FakeLabelStudio(token, keep_alive=True)
+    label_studio.files.update({path: data for path, data, _, _ in images})
     environ = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": token, "WORKERS": "1",
                "LOG_LEVEL": "warning"}
     environ.update({"MOBILESAM_CHECKPOINT": args.checkpoint} if args.checkpoint else {})
@@ -389,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop(name, None)
     logs = Path(tempfile.mkdtemp(prefix="soak-")) / "gunicorn.log"
     print(f"starting gunicorn (log: {logs}) ...", flush=True)
+    backend = GunicornBackend(logs, append=False)
     try:
-        backend = Backend(environ, logs, args.startup_timeout)
-    except RuntimeError as error:
+        backend.start(environment(environ), timeout=args.startup_timeout, single_worker=True)
+    except HarnessError as error:
         print(f"FAILED to start: {error}", file=sys.stderr)
         print(logs.read_text(errors="replace")[-3000:], file=sys.stderr)
         label_studio.close()
@@ -464,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     time.sleep(2)  # let prewarming finish before the last sample
     end_rss = rss_kib(backend.worker)
     stop.set()
-    alive = backend.process.poll() is None and rss_kib(backend.worker) is not None
+    alive = backend.alive() and rss_kib(backend.worker) is not None
     try:
         metrics = requests.get(backend.url + "/metrics", timeout=30).json()
         health = requests.get(backend.url + "/health", timeout=30).status_code
@@ -515,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     good = [o.seconds for o in outcomes if o.status == 200 and o.kind != "open"]
     print(f"latency, interactive 200s: {percentiles(good)}")
     cache = metrics.get("embedding_cache", {}) if isinstance(metrics, dict) else {}
-    print(f"embedding cache: {cache}; images served by the stand-in: {dict(label_studio.hits)}")
+    print(f"embedding cache: {cache}; images served by the stand-in: {dict(label_studio.statuses())}")
     print(f"after the run: worker alive {alive}, /health {health}")
     if unexpected:
         print(f"UNEXPECTED answers: {len(unexpected)}")

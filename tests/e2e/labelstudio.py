@@ -2,27 +2,26 @@
 
 `LabelStudio` runs `label-studio start` from its own virtualenv (scripts/install_label_studio.sh; its pins clash
 with ours) and wraps the few REST calls the tests need. `Backend` runs this repository's server under gunicorn,
-the way it is deployed. Both write their output to a log file, bound every wait, and can be stopped cleanly.
+the way it is deployed. Both are tools/harness/processes.py's processes: they write their output to a log file,
+bound every wait, and can be stopped cleanly.
 
 Nothing here talks to anything but 127.0.0.1. See shared/label-studio-protocol.md for what Label Studio 1.23
 sends to a backend.
 """
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import requests
+
+from tools.harness.processes import (GunicornBackend, HarnessError, Process, dump_logs, environment, free_port,
+                                     wait_for)
 
 REPO = Path(__file__).resolve().parents[2]
 LS_VERSION = "1.23.2"
@@ -36,17 +35,6 @@ LS_START_TIMEOUT = float(os.environ.get("LS_START_TIMEOUT", "300"))
 BACKEND_START_TIMEOUT = float(os.environ.get("BACKEND_START_TIMEOUT", "300"))
 #: Seconds allowed for one REST call to Label Studio (interactive calls wait for the backend's /predict).
 HTTP_TIMEOUT = float(os.environ.get("LS_HTTP_TIMEOUT", "150"))
-
-
-class HarnessError(RuntimeError):
-    """Something in the harness went wrong; the message carries the log tail."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ls_venv() -> Path:
@@ -69,78 +57,7 @@ def install_label_studio(timeout: float = 900) -> Path:
     return executable
 
 
-def tail(path: Path | None, chars: int = 6000) -> str:
-    if path is None or not Path(path).is_file():
-        return "(no log)"
-    text = Path(path).read_text(errors="replace")
-    return text[-chars:]
-
-
-def wait_for(check: Callable[[], Any], timeout: float, interval: float = 0.5, what: str = "condition",
-             alive: Callable[[], bool] | None = None, log: Path | None = None) -> Any:
-    """Call `check` until it returns something truthy; raise after `timeout` s or when `alive()` turns false."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        if alive is not None and not alive():
-            raise HarnessError(f"process died while waiting for {what}; log tail:\n{tail(log)}")
-        try:
-            value = check()
-            if value:
-                return value
-        except (requests.RequestException, ValueError, KeyError) as error:
-            last_error = error
-        time.sleep(interval)
-    raise HarnessError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error!r}); "
-                       f"log tail:\n{tail(log)}")
-
-
-class _Process:
-    """A child process in its own process group, with its output in a log file."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.log_path = Path(log_path)
-        self.process: subprocess.Popen | None = None
-        self._log = None
-
-    def _spawn(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
-        if self.alive():
-            raise HarnessError(f"already running (pid {self.process.pid})")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        self._log.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(args)}\n".encode())
-        self._log.flush()
-        self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
-        # Its own session keeps a Ctrl-C meant for pytest away from it; this stops it when pytest exits anyway.
-        atexit.register(self.stop)
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, timeout: float = 20) -> None:
-        """SIGTERM the process group, then SIGKILL it if it does not exit in `timeout` s."""
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(process.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    process.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, chars: int = 6000) -> str:
-        return tail(self.log_path, chars)
-
-
-class LabelStudio(_Process):
+class LabelStudio(Process):
     """A Label Studio server on 127.0.0.1 and a REST client for it, authenticated with the legacy token.
 
     The organization is created by the first start with legacy tokens enabled (`--enable-legacy-api-token`);
@@ -207,7 +124,7 @@ class LabelStudio(_Process):
                 "--internal-host", "127.0.0.1", "--port", str(self.port),
                 "--username", self.USERNAME, "--password", self.PASSWORD, "--user-token", self.TOKEN,
                 "--enable-legacy-api-token"]
-        self._spawn(args, child_env, cwd=self.data_dir)
+        self.spawn(args, child_env, cwd=self.data_dir)
         try:
             wait_for(self._ready, timeout, interval=1.0, what=f"Label Studio on port {self.port}",
                      alive=self.alive, log=self.log_path)
@@ -433,40 +350,20 @@ def rectangle(x: float, y: float, w: float, h: float, label: str, *, width: int,
             "type": "rectanglelabels", "origin": "manual"}
 
 
-class Backend(_Process):
-    """This repository's backend under gunicorn, as deployed: `gunicorn _wsgi:app` in the repo root."""
+class Backend(GunicornBackend):
+    """This repository's backend under gunicorn, as deployed: `gunicorn _wsgi:app` in the repo root, with the
+    tests' worker, thread and timeout options on the command line."""
 
-    def __init__(self, log_path: Path, repo: Path = REPO, python_bin: Path | None = None) -> None:
-        super().__init__(log_path)
-        self.repo = Path(repo)
-        self.bin_dir = Path(python_bin).parent if python_bin else self.repo / ".venv" / "bin"
-        self.port: int | None = None
+    stop_timeout = 20  # twice its --graceful-timeout
 
-    @property
-    def url(self) -> str:
-        if self.port is None:
-            raise HarnessError("backend is not started")
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, env: dict[str, str] | None = None, port: int | None = None,
-              timeout: float = BACKEND_START_TIMEOUT, workers: int = 1, threads: int = 4) -> "Backend":
-        self.port = port or free_port()
+    def start(self, env: dict[str, str] | None = None, timeout: float = BACKEND_START_TIMEOUT, workers: int = 1,
+              threads: int = 4) -> "Backend":
         # gunicorn.conf.py in the repo root is read as in production; nothing from the caller's shell may
-        # override the command line below.
-        child_env = {key: value for key, value in os.environ.items() if key != "GUNICORN_CMD_ARGS"}
-        child_env.update({"TORCH_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"})
-        child_env.update(env or {})
-        gunicorn = self.bin_dir / "gunicorn"
-        args = [str(gunicorn), "--bind", f"127.0.0.1:{self.port}", "--workers", str(workers),
-                "--threads", str(threads), "--timeout", "120", "--graceful-timeout", "10",
-                "--access-logfile", "-", "_wsgi:app"]
-        self._spawn(args, child_env, cwd=self.repo)
-        try:
-            wait_for(self._ready, timeout, interval=1.0, what=f"backend on port {self.port}",
-                     alive=self.alive, log=self.log_path)
-        except BaseException:
-            self.stop()
-            raise
+        # override the command line below (`environment` drops GUNICORN_CMD_ARGS).
+        child_env = environment({"TORCH_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **(env or {})})
+        options = ["--workers", str(workers), "--threads", str(threads), "--timeout", "120", "--graceful-timeout",
+                   "10", "--access-logfile", "-"]
+        super().start(child_env, options, timeout=timeout, interval=1.0, ready=self._ready)
         return self
 
     def _ready(self) -> bool:
@@ -480,15 +377,6 @@ class Backend(_Process):
     def post(self, path: str, body: Any, **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", HTTP_TIMEOUT)
         return requests.post(f"{self.url}{path}", json=body, **kwargs)
-
-
-def dump_logs(*processes: _Process, chars: int = 8000, stream=sys.stderr) -> None:
-    """Print the tail of each process's log (for failing tests)."""
-    for process in processes:
-        if process is None:
-            continue
-        print(f"\n===== {type(process).__name__} log {process.log_path} (tail) =====", file=stream)
-        print(process.log_tail(chars), file=stream)
 
 
 __all__ = ["Backend", "HarnessError", "LabelStudio", "dump_logs", "free_port", "install_label_studio", "keypoint",

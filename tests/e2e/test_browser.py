@@ -17,7 +17,7 @@ JPEG with the prompt each recorded body means (IoU >= 0.8), and checked on their
 the background point out, the area is the cat's head).
 
 Artifacts (screenshots, the recorded bodies) go to artifacts/browser/ (git-ignored); their path is printed.
-With BROWSER_TEST_RECORD=1 the run also rewrites tools/harness/recordings/editor_1_23_bodies.json (replayed by
+With BROWSER_TEST_RECORD=1 the run also rewrites tools/harness/bodies/editor_1_23_bodies.json (replayed by
 tests/e2e/test_browser_fixtures.py without a browser) and docs/editor-mask.png.
 
 Skipped only when Chromium cannot be installed (scripts/install_browser.sh), with a warning saying so.
@@ -50,6 +50,8 @@ from browser_helpers import (  # noqa: E402
 )
 from labelstudio import Backend, HarnessError, LabelStudio, install_label_studio  # noqa: E402
 
+from tools.harness import recordings  # noqa: E402
+
 # pytest.ini should list the marker (see the report of issue #8); until it does, register it here so that
 # --strict-markers accepts it.
 _config = getattr(pytest.mark, "_config", None)
@@ -60,7 +62,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.labelstudio]
 
 W, H = 451, 300
 ARTIFACTS = REPO / "artifacts" / "browser"
-FIXTURE = REPO / "tools" / "harness" / "recordings" / "editor_1_23_bodies.json"
+FIXTURE = recordings.EDITOR  # tools/harness/bodies/editor_1_23_bodies.json
 DOCS_SCREENSHOT = REPO / "docs" / "editor-mask.png"
 RECORD = os.environ.get("BROWSER_TEST_RECORD", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -799,7 +801,7 @@ def _shape(flow: dict) -> list:
 
 
 def test_recorded_fixture_matches_this_editor(recordings):
-    """tools/harness/recordings/editor_1_23_bodies.json (replayed without a browser) must describe what the editor sent now."""
+    """tools/harness/bodies/editor_1_23_bodies.json (replayed without a browser) must describe what the editor sent now."""
     if not recordings:
         pytest.skip("no scenario ran")
     if RECORD:

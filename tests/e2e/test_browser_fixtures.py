@@ -1,6 +1,6 @@
 """The backend over real HTTP, fed the bodies Label Studio 1.23.2 sent while its real editor was used in Chromium.
 
-tools/harness/recordings/editor_1_23_bodies.json was recorded by tests/test_browser.py (BROWSER_TEST_RECORD=1): a recording
+tools/harness/bodies/editor_1_23_bodies.json was recorded by tests/test_browser.py (BROWSER_TEST_RECORD=1): a recording
 proxy between Label Studio and the backend kept every request while a person's actions were played in the
 labeling editor — open the task, a smart-keypoint click on the cat, a negative point (alt-click, or the seed's
 `-1` label), a box with the smart rectangle tool, accept, submit — for the native and the alias label convention.
@@ -12,7 +12,6 @@ with the prompt the body means. No browser and no Label Studio are needed.
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import requests
@@ -20,10 +19,10 @@ import skimage.data
 
 from browser_helpers import decode_brush, expected_prompts, iou
 from sam_backend.sam.types import Prompt
-from tools.harness import RECORDINGS
+from tools.harness import recordings
 
-FIXTURE = RECORDINGS / "editor_1_23_bodies.json"
-RECORDING = json.loads(FIXTURE.read_text())
+FIXTURE = recordings.EDITOR
+RECORDING = recordings.document(FIXTURE)
 FLOWS = RECORDING["flows"]
 W, H = 451, 300
 #: Each flow gets its own task id and image path: the backend remembers prompts per (project, task, image).

@@ -16,6 +16,7 @@ from hypothesis.extra.numpy import arrays
 from tools import export_coco
 from sam_backend.encoding import outlines
 from sam_backend.encoding import rle
+from tools.harness.recordings import CHELSEA, recorded, with_image
 from tools.harness.scenes import iou
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,8 +77,6 @@ def test_bad_rle_is_refused():
 # ---- round trips through the backend --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def chelsea_path(fake_label_studio):
-    from test_protocol import CHELSEA
-
     return fake_label_studio.add_image("/data/upload/2/chelsea.jpg", CHELSEA)
 
 
@@ -91,8 +90,6 @@ def _predict(backend, body):
 def backend_results(live_backend, chelsea_path):
     """Regions the backend answered over real HTTP: a Cat (brush + polygons, from a positive and a negative
     click) and a Dog (brush, from a click elsewhere), on the recorded Label Studio body."""
-    from test_protocol import recorded, with_image
-
     cat = with_image(recorded("keypoints_positive_and_negative"), chelsea_path, task_id=601)
     cat["label_config"] = POLYGON_CONFIG
     dog = with_image(recorded("keypoints_positive_and_negative"), chelsea_path, task_id=602)

@@ -14,6 +14,7 @@ from scipy import ndimage
 from sam_backend.labelstudio import label_config
 from sam_backend.encoding import outlines
 from sam_backend.sam.types import Prompt
+from tools.harness.recordings import CHELSEA, decoded, recorded, with_image
 from tools.harness.scenes import all_scenes, extra_scenes, interior_point, iou, scene
 from sam_backend.settings import Settings
 
@@ -182,9 +183,7 @@ def test_output_tags_are_discovered_per_image_and_label():
 
 
 def test_output_tags_follow_the_seed_aliases():
-    from test_protocol import FIXTURES
-
-    xml = next(c["body"]["label_config"] for c in FIXTURES["calls"] if c["name"] == "alias_rectangle")
+    xml = recorded("alias_rectangle")["label_config"]
     parsed = label_config.parse(xml)
     assert parsed.output_tag("rectanglelabels", "image", ("brush", "1")) == ("tag4", "[1]")
     polygon = xml.replace("</View>", '<PolygonLabels name="p" toName="image"><Label value="2"/></PolygonLabels></View>')
@@ -216,8 +215,6 @@ def _post(backend, body):
 
 
 def _click_body(chelsea_path, task_id, xml=None):
-    from test_protocol import recorded, with_image
-
     body = with_image(recorded("keypoints_positive_and_negative"), chelsea_path, task_id=task_id)
     if xml is not None:
         body["label_config"] = xml
@@ -226,14 +223,10 @@ def _click_body(chelsea_path, task_id, xml=None):
 
 @pytest.fixture(scope="module")
 def chelsea_path(fake_label_studio):
-    from test_protocol import CHELSEA
-
     return fake_label_studio.add_image("/data/upload/2/chelsea.jpg", CHELSEA)
 
 
 def test_server_adds_polygons_for_a_polygon_tag(live_backend, chelsea_path):
-    from test_protocol import decoded
-
     body = _click_body(chelsea_path, 501, NATIVE.replace("{extra}", POLYGONS))
     results = _post(live_backend, body)
     brush = [r for r in results if r["type"] == "brushlabels"]
@@ -254,7 +247,6 @@ def test_polygon_tolerance_is_a_setting(base_settings, torch_predictor, chelsea_
     default 1 px sends far fewer points."""
     from conftest import make_live_backend
     from sam_backend.settings import from_environment
-    from test_protocol import decoded
 
     assert from_environment({"POLYGON_TOLERANCE": "0"}).polygon_tolerance == 0
     with pytest.raises(ValueError, match="POLYGON_TOLERANCE"):
@@ -277,7 +269,6 @@ def test_polygon_tolerance_is_a_setting(base_settings, torch_predictor, chelsea_
 
 def test_server_adds_a_rectangle_with_out_bbox(base_settings, torch_predictor, chelsea_path):
     from conftest import make_live_backend
-    from test_protocol import decoded
 
     backend = make_live_backend(base_settings, torch_predictor, out_bbox=True)
     try:

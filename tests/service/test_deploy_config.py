@@ -23,18 +23,14 @@ import json
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -43,6 +39,9 @@ import pytest
 import yaml
 
 from sam_backend import settings
+from tools.harness import processes
+from tools.harness.processes import GunicornBackend, HarnessError, free_port
+from tools.harness.stub_label_studio import LoopbackServer
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -390,7 +389,7 @@ def test_files_the_build_copies_exist_and_are_not_dockerignored():
     assert not missing, f"the Docker build copies files that are not in the repository: {missing}"
     excluded = sorted(name for name in needed if ignored(name))
     assert not excluded, f".dockerignore excludes files the build needs: {excluded}"
-    for secret_or_bulk in (".env", ".venv/bin/python", "models/mobile_sam.pt", ".git/HEAD", "tools/bench.py",
+    for secret_or_bulk in (".env", ".venv/bin/python", "models/mobile_sam.pt", ".git/HEAD", "tools/bench/__main__.py",
                            "tools/soak.py", "tools/harness/scenes.py"):
         assert ignored(secret_or_bulk), f".dockerignore lets {secret_or_bulk} into the build context"
 
@@ -624,12 +623,6 @@ def test_gunicorn_config_refuses_bad_values(monkeypatch, capsys, name, value):
 # gunicorn for real
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def health_script(port: int, **environment: str) -> subprocess.CompletedProcess:
     """The container health check: `python /app/gunicorn.conf.py`."""
     env = clean_environment(PORT=str(port), **environment)
@@ -639,30 +632,21 @@ def health_script(port: int, **environment: str) -> subprocess.CompletedProcess:
 
 @contextlib.contextmanager
 def http_server(handler_status: int = 200, expect_auth: str | None = None):
+    """A stand-in backend whose /health answers `handler_status` (401 without `expect_auth`, when given)."""
     seen: list[dict] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            seen.append({"path": self.path, "authorization": self.headers.get("Authorization")})
-            status = handler_status
-            if expect_auth is not None and self.headers.get("Authorization") != expect_auth:
-                status = 401
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"status": "UP"}')
+    def app(h, _):
+        seen.append({"path": h.path, "authorization": h.headers.get("Authorization")})
+        status = handler_status
+        if expect_auth is not None and h.headers.get("Authorization") != expect_auth:
+            status = 401
+        h.send(status, b'{"status": "UP"}', {"Content-Type": "application/json"}, length=None)
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = LoopbackServer(app)
     try:
-        yield server.server_address[1], seen
+        yield server.port, seen
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
 
 
 def test_health_script_passes_on_200_and_fails_otherwise():
@@ -693,50 +677,31 @@ def app(environ, start_response):
 '''
 
 
-def gunicorn_binary() -> Path:
-    binary = Path(sysconfig.get_path("scripts")) / "gunicorn"
-    assert binary.is_file(), f"gunicorn is not installed next to {sys.executable}"
-    return binary
-
-
 @contextlib.contextmanager
 def running_gunicorn(app: str, cwd: Path, environment: dict[str, str], startup_seconds: float, log_dir: Path):
-    """Start `gunicorn -c gunicorn.conf.py APP` and wait until the health script passes; yield (port, process,
-    logs). Fails at once, with gunicorn's output, if gunicorn exits."""
+    """Start `gunicorn -c gunicorn.conf.py APP` (bound by gunicorn.conf.py to $PORT, as in the container) and wait
+    until the health script passes; yield (port, process, logs). Fails at once, with gunicorn's output, if
+    gunicorn exits."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in BACKEND_VARIABLES and k not in {"GUNICORN_CMD_ARGS", "PYTHONPATH"}}
-    env.update(environment, PORT=str(port))
-    out_path, err_path = log_dir / f"gunicorn-{port}.out", log_dir / f"gunicorn-{port}.err"
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        process = subprocess.Popen([str(gunicorn_binary()), "-c", str(GUNICORN_CONF), app], cwd=cwd, env=env,
-                                   stdout=out, stderr=err, start_new_session=True)
+    backend = GunicornBackend(log_dir / f"gunicorn-{port}.out", app, cwd=cwd, port=port,
+                              err_path=log_dir / f"gunicorn-{port}.err", append=False)
+    env = processes.environment({**environment, "PORT": str(port)},
+                                drop=(*BACKEND_VARIABLES, "GUNICORN_CMD_ARGS", "PYTHONPATH"))
+    auth = {k: environment[k] for k in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS") if k in environment}
 
     def logs() -> tuple[str, str]:
-        return out_path.read_text(), err_path.read_text()
+        return backend.log_path.read_text(), backend.err_path.read_text()
 
     try:
-        deadline = time.monotonic() + startup_seconds
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"gunicorn exited with {process.returncode} before /health answered:\n"
-                            f"{logs()[1][-4000:]}")
-            check = health_script(port, **{k: environment[k] for k in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS")
-                                           if k in environment})
-            if check.returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"/health did not answer within {startup_seconds} s:\n{logs()[1][-4000:]}")
-            time.sleep(0.5)
+        backend.start(env, bind=False, timeout=startup_seconds,
+                      ready=lambda: health_script(port, **auth).returncode == 0)
+    except HarnessError as error:
+        pytest.fail(f"gunicorn did not answer /health: {error}")
+    process = backend.process
+    try:
         yield port, process, logs
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        backend.stop()
 
 
 def get_json(port: int, path: str) -> dict:

@@ -1,6 +1,6 @@
 """Property-based fuzzing of `/predict` over real HTTP (issue #6): whatever the body, never a 5xx, always JSON.
 
-Bodies are mutations of the ones a real Label Studio 1.23.2 sent (tools/harness/recordings): values of random types at random
+Bodies are mutations of the ones a real Label Studio 1.23.2 sent (tools/harness/bodies): values of random types at random
 paths, special numbers (NaN, infinities, huge, negative, tiny), random strings and labels, missing keys, extra keys,
 deep nesting, lists in place of objects and the reverse. Each answer must be either 200 with `results` (one per task)
 or a 4xx with a non-empty `error` string, and the server must answer `/health` after it.
@@ -23,11 +23,10 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from conftest import LS_TOKEN, make_live_backend
-from tools.harness import RECORDINGS
+from tools.harness import recordings
 
-FIXTURES = json.loads((RECORDINGS / "ls_1_23_interactive_bodies.json").read_text())
 IMAGE = "/data/upload/11/chelsea.jpg"
-BASES = {call["name"]: call["body"] for call in FIXTURES["calls"] if call["path"] == "/predict"}
+BASES = recordings.bodies("/predict")
 
 # A known defect outside this suite's files (see tests/test_robustness.py, MODEL_TASK_KEY): an unhashable
 # body.project or tasks[i].id is a TypeError -> 500 in model.py. Tolerated here only with exactly that signature.

@@ -1,4 +1,4 @@
-"""The backend over real HTTP, fed the exact bodies a real Label Studio 1.23.2 sent (tools/harness/recordings), with real
+"""The backend over real HTTP, fed the exact bodies a real Label Studio 1.23.2 sent (tools/harness/bodies), with real
 MobileSAM weights. Masks are checked against the torch predictor called directly with the prompt the body means.
 
 Every test runs twice: with the server on torch (AdvancedSAM) and on ONNX Runtime (RUN_ONNX_SAM=true; the files
@@ -16,21 +16,12 @@ import numpy as np
 import pytest
 import requests
 import skimage.data
-from label_studio_sdk.converter.brush import decode_rle
 
 from sam_backend.sam.types import Prompt
 from tools.harness.scenes import iou, scene
-from tools.harness import RECORDINGS
+from tools.harness.recordings import CHELSEA, decoded, recorded, with_image
 
-FIXTURES = json.loads((RECORDINGS / "ls_1_23_interactive_bodies.json").read_text())
-CHELSEA = skimage.data.chelsea()  # 300 x 451, the image the recordings were made with
-W, H = 451, 300
-
-
-def recorded(name: str, path: str = "/predict") -> dict:
-    """A deep copy of the body Label Studio sent for user action `name`."""
-    call = next(c for c in FIXTURES["calls"] if c["name"] == name and c["path"] == path)
-    return copy.deepcopy(call["body"])
+W, H = 451, 300  # CHELSEA's size
 
 
 @pytest.fixture(scope="module", params=["torch", "onnx"])
@@ -65,19 +56,6 @@ def chelsea_embedding(torch_predictor, fake_label_studio, chelsea_path):
 
 def post(backend, body, path="/predict"):
     return requests.post(backend.url + path, json=body, timeout=120)
-
-
-def with_image(body: dict, image_path: str, task_id: int | None = None) -> dict:
-    for task in body["tasks"]:
-        task["data"]["image"] = image_path
-        if task_id is not None:
-            task["id"] = task_id
-    return body
-
-
-def decoded(region: dict) -> np.ndarray:
-    width, height = region["original_width"], region["original_height"]
-    return decode_rle(region["value"]["rle"]).reshape(height, width, 4)[:, :, 3] > 0
 
 
 def expected(torch_predictor, embedding, points=(), labels=(), box=None) -> np.ndarray:
@@ -250,14 +228,14 @@ def test_later_clicks_on_a_task_skip_the_image_download(base_settings, served_pr
     for ttl, downloads in ((600.0, 1), (0.0, 3)):
         backend = make_live_backend(base_settings, served_predictor, image_url_ttl=ttl)
         try:
-            before = sum(p == path for p, _ in fake_label_studio.requests)
+            before = fake_label_studio.count(path)
             masks = []
             for dx in (0, 1, 2):
                 body = with_image(recorded("keypoints_positive_and_negative"), path, task_id=120)
                 body["params"]["context"]["result"][0]["value"]["x"] += dx
                 (region,) = post(backend, body).json()["results"][0]["result"]
                 masks.append(decoded(region))
-            assert sum(p == path for p, _ in fake_label_studio.requests) - before == downloads, f"IMAGE_URL_TTL={ttl}"
+            assert fake_label_studio.count(path) - before == downloads, f"IMAGE_URL_TTL={ttl}"
             assert all(iou(mask, masks[0]) > 0.9 for mask in masks)
         finally:
             backend.close()

@@ -2,7 +2,7 @@
 
 * Every client fault is a 4xx with a JSON body `{"error": ...}` naming the field, label or (redacted) URL, and the
   server keeps serving (`/health` answers after each case). Bodies are Label Studio's recorded ones
-  (tools/harness/recordings) with one thing broken.
+  (tools/harness/bodies) with one thing broken.
 * A server fault is a 5xx JSON body without a traceback; the traceback goes to the log.
 * HTTP Basic auth guards every route; Label Studio's way of sending it (python-requests, Latin-1) works.
 * No token or password reaches a log record or a response.
@@ -20,37 +20,26 @@ import logging
 import math
 import os
 import re
-import socket
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pytest
 import requests
-import skimage.data
 from label_studio_sdk.converter.brush import decode_rle
 
-from conftest import LS_TOKEN, ROOT, make_live_backend
+from conftest import LS_TOKEN, make_live_backend
+from tools.harness.processes import GunicornBackend, environment
 from tools.harness.scenes import scene
-from tools.harness import RECORDINGS
+from tools.harness.stub_label_studio import LoopbackServer, static
+from tools.harness.recordings import CHELSEA, recorded
 
-FIXTURES = json.loads((RECORDINGS / "ls_1_23_interactive_bodies.json").read_text())
-CHELSEA = skimage.data.chelsea()  # 300 x 451, the image of the recordings
 IMAGE = "/data/upload/7/chelsea.jpg"
 MISSING = "/data/upload/7/missing.jpg"
 NOT_AN_IMAGE = "/data/upload/7/notes.jpg"
-
-def recorded(name: str, path: str = "/predict") -> dict:
-    call = next(c for c in FIXTURES["calls"] if c["name"] == name and c["path"] == path)
-    return copy.deepcopy(call["body"])
-
 
 TASK_IDS = itertools.count(600)
 
@@ -565,24 +554,9 @@ def not_label_studio():
 
     buffer = io.BytesIO()
     Image.fromarray(CHELSEA).save(buffer, format="JPEG")
-    hits: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.end_headers()
-            self.wfile.write(buffer.getvalue())
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.2:{server.server_address[1]}", hits
-    server.shutdown()
-    server.server_close()
+    server = LoopbackServer(static(buffer.getvalue(), headers={"Content-Type": "image/jpeg"}), "127.0.0.2")
+    yield server.url, server.requests
+    server.stop()
 
 
 def test_a_loopback_server_that_is_not_label_studio_is_refused(live_backend, images, not_label_studio):
@@ -778,7 +752,7 @@ def test_tokens_never_reach_logs_or_answers(base_settings, torch_predictor, imag
             f"{other}/cat.jpg?X-Amz-Signature=SECRETsig0004",
             "s3://bucket/cat.jpg",
             f"{IMAGE}?token=SECRETquery0001",
-            f"http://user:SECRETuser0002@127.0.0.2:1/x.jpg",
+            "http://user:SECRETuser0002@127.0.0.2:1/x.jpg",
             "/data/upload/7/../../api/token?token=SECRETquery0001",
         ]
         setup = recorded("add_model", "/setup")
@@ -935,30 +909,17 @@ def test_many_threads_on_mixed_images_classes_and_conventions_get_the_single_thr
 
 
 # ---- start-up ----------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_gunicorn(tmp_path: Path, timeout: float = 180, **environ: str) -> tuple[int | None, str, float]:
-    """Run `gunicorn --bind 127.0.0.1:<free port> _wsgi:app` as users do; (exit code or None if still running
-    after `timeout`, stderr, seconds)."""
-    env = {k: v for k, v in os.environ.items() if k != "GUNICORN_CMD_ARGS" and not k.startswith("BASIC_AUTH")}
-    env.update(environ)
-    gunicorn = Path(sys.executable).parent / "gunicorn"
+    """Run `gunicorn -c gunicorn.conf.py --bind 127.0.0.1:<free port> _wsgi:app` as users do; (exit code or None
+    if still running after `timeout`, its output, seconds)."""
+    backend = GunicornBackend(tmp_path / "gunicorn.log", append=False)
     started = time.monotonic()
-    with open(tmp_path / "stderr.txt", "w+b") as stderr:
-        process = subprocess.Popen([str(gunicorn), "--bind", f"127.0.0.1:{free_port()}", "_wsgi:app"], cwd=ROOT,
-                                   env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-        try:
-            code = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            code = None
-        stderr.seek(0)
-        return code, stderr.read().decode(errors="replace"), time.monotonic() - started
+    backend.launch(environment(environ, drop=("GUNICORN_CMD_ARGS", "BASIC_AUTH_USER", "BASIC_AUTH_PASS")))
+    try:
+        code = backend.wait(timeout)
+    finally:
+        backend.stop()
+    return code, backend.log_path.read_text(errors="replace"), time.monotonic() - started
 
 
 @pytest.fixture(scope="module")

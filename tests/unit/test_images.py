@@ -1,5 +1,5 @@
 """images.py against real HTTP servers on loopback: a fake Label Studio (tokens, PAT refresh, presign, redirects)
-and other hosts on 127.0.0.2/127.0.0.3. Non-loopback private addresses are never contacted: their refusal is
+and other hosts on 127.0.0.2/127.0.0.3, all on tools/harness/stub_label_studio.py. Non-loopback private addresses are never contacted: their refusal is
 checked before connecting, with connect() itself patched to fail the test if anything leaves the machine."""
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import struct
 import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
@@ -29,6 +28,8 @@ from sam_backend.images.credentials import token_kind
 from sam_backend.images.redact import redact_url
 from sam_backend.images.transport import address_problem
 from sam_backend.settings import Settings
+from tools.harness import stub_label_studio
+from tools.harness.stub_label_studio import FakeLabelStudio, Handler, LoopbackServer
 
 LEGACY = "legacy-0123456789abcdef-secret"
 SETUP_TOKEN = "setup-token-fedcba9876543210"
@@ -55,78 +56,26 @@ def png(size=(6, 4), mode="RGB", color=(10, 200, 30)) -> bytes:
 IMAGE = png()
 
 
-# ---- HTTP servers -----------------------------------------------------------------------------------------------
+# ---- HTTP servers (tools/harness/stub_label_studio.py) -----------------------------------------------------------
 
-class Handler(BaseHTTPRequestHandler):
-    server: "Server"
+class TokenLabelStudio(FakeLabelStudio):
+    """The harness's Label Studio with more of its access control: /data/... only with `Token <LEGACY>` (when
+    legacy tokens are enabled) or the setup token, or `Bearer <access>` where access came from
+    POST /api/token/refresh/ {"refresh": PAT}; plus redirects and the presign endpoint of cloud storage.
 
-    def log_message(self, *args) -> None:
-        pass
-
-    def _dispatch(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        self.server.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
-                                     "body": body})
-        try:
-            self.server.app(self, body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    do_GET = do_POST = _dispatch
-
-    def send(self, status: int, body: bytes = b"", headers: dict | None = None, length: int | None = -1) -> None:
-        self.send_response(status)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        if length == -1:
-            self.send_header("Content-Length", str(len(body)))
-        elif length is not None:
-            self.send_header("Content-Length", str(length))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, host: str, app: Callable[[Handler, bytes], None]) -> None:
-        super().__init__((host, 0), Handler)
-        self.app = app
-        self.requests: list[dict] = []
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-
-    def authorizations(self) -> list[str | None]:
-        return [r["headers"].get("Authorization") for r in self.requests]
-
-
-class FakeLabelStudio:
-    """Serves /data/... only with `Token <LEGACY>` (when legacy tokens are enabled) or `Bearer <access>` where
-    access came from POST /api/token/refresh/ {"refresh": PAT}."""
+    Kept here rather than in the harness: only these tests need a PAT refresh, presign and redirects."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__(LEGACY, host)
         self.legacy_enabled = True
         self.tokens = {LEGACY, SETUP_TOKEN}
         self.access_lifetime = 300
         self.access: dict[str, float] = {}  # issued access token -> expiry (time.time())
         self.refreshes = 0
         self.redirects: dict[str, str] = {}
-        self.files = {"/data/upload/1/img.png": IMAGE, "/data/local-files/?d=dir/img.png": png(color=(1, 2, 3))}
+        self.files.update({"/data/upload/1/img.png": IMAGE, "/data/local-files/?d=dir/img.png": png(color=(1, 2, 3))})
         self.presign_target = ""
         self.presign_seen: list[str] = []
-        self.lock = threading.Lock()
-        self.server = Server(host, self.app)
-        self.url = self.server.url
 
     def revoke_access(self) -> None:
         with self.lock:
@@ -161,9 +110,7 @@ class FakeLabelStudio:
         if path.startswith("/tasks/7/presign/"):
             self.presign_seen.append(parse_qs(urlsplit(path).query)["fileuri"][0])
             return h.send(303, headers={"Location": self.presign_target})
-        if path in self.files:
-            return h.send(200, self.files[path], {"Content-Type": "image/png"})
-        return h.send(404, b"not found")
+        self.serve_file(h)
 
     def secrets(self) -> list[str]:
         with self.lock:
@@ -171,17 +118,15 @@ class FakeLabelStudio:
 
 
 def static(body: bytes = IMAGE, status: int = 200, headers: dict | None = None):
-    def app(h: Handler, _: bytes) -> None:
-        h.send(status, body, headers)
-    return app
+    return stub_label_studio.static(body, status, headers)
 
 
 @pytest.fixture
 def servers():
-    started: list[Server] = []
+    started: list[LoopbackServer] = []
 
-    def start(host: str = "127.0.0.2", app=None) -> Server:
-        server = Server(host, app or static())
+    def start(host: str = "127.0.0.2", app=None) -> LoopbackServer:
+        server = LoopbackServer(app or static(), host)
         started.append(server)
         return server
 
@@ -192,7 +137,7 @@ def servers():
 
 @pytest.fixture
 def ls(caplog):
-    fake = FakeLabelStudio()
+    fake = TokenLabelStudio()
     yield fake
     fake.server.stop()
     logged = logged_text(caplog)
@@ -924,10 +869,10 @@ def test_https_peer_check(https_server, certificate, monkeypatch, resolve, loopb
 
 
 def test_label_studio_on_ipv6_loopback():
-    class Server6(Server):
+    class Server6(LoopbackServer):
         address_family = socket.AF_INET6
     try:
-        server = Server6("::1", static())
+        server = Server6(static(), "::1")
     except OSError:
         pytest.skip("no IPv6 loopback here")
     try:

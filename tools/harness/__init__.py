@@ -1,6 +1,7 @@
-"""The one test and benchmark harness, shared by tools/ and tests/: processes, a stand-in Label Studio,
-the recorded Label Studio request bodies (recordings/) and the synthetic scenes with known masks."""
-from pathlib import Path
+"""The one test and benchmark harness, shared by tools/ and tests/:
 
-#: What a real Label Studio sent the backend, recorded once (see tests/e2e/test_browser.py for how).
-RECORDINGS = Path(__file__).resolve().parent / "recordings"
+processes.py          free ports, bounded waits, the process runner and GunicornBackend, /proc readings
+stub_label_studio.py  LoopbackServer and FakeLabelStudio (Label Studio's media serving, token checked)
+recordings.py         the request bodies a real Label Studio sent (bodies/*.json) and helpers to replay them
+scenes.py             synthetic scenes with known masks
+"""
