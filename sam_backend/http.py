@@ -63,10 +63,6 @@ def configure_logging(settings: Settings) -> None:
     """The process's log format and level (LOG_LEVEL)."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # urllib3 logs each request's full URL at DEBUG, query included (presigned signatures, tokens); the images
-    # package logs its fetches itself, redacted.
-    urllib3_log = logging.getLogger("urllib3")
-    urllib3_log.setLevel(max(urllib3_log.level, logging.INFO))
 
 
 def create_app(model: Backend, settings: Settings) -> Flask:

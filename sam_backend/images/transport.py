@@ -59,6 +59,10 @@ except ImportError:  # pragma: no cover
     _CA_CERTS = None
 
 log = logging.getLogger("sam_backend.images")  # the package's one logger, as before the split
+# urllib3 logs each request's full URL at DEBUG, query included (presigned signatures, tokens): keep it at INFO or
+# above wherever this module is used (the server, the tools, the tests); fetches are logged here, redacted.
+_urllib3_log = logging.getLogger("urllib3")
+_urllib3_log.setLevel(max(_urllib3_log.level, logging.INFO))
 
 MAX_REDIRECTS = 5
 TOTAL_TIMEOUT_FACTOR = 3  # a whole fetch may take this many IMAGE_TIMEOUTs
