@@ -74,6 +74,8 @@ class Settings:
     basic_auth_pass: str = field(default="", repr=False)  # BASIC_AUTH_PASS
     max_content_length: int = 16 << 20  # MAX_CONTENT_LENGTH bytes of a request body
     max_points: int = 256  # MAX_POINTS per prompt
+    max_label_config_bytes: int = 8 << 20  # MAX_LABEL_CONFIG_BYTES: larger labeling configs get a 413, unparsed
+    max_labels: int = 100_000  # MAX_LABELS: <Label>s (all tags together) a labeling config may have; more get a 413
     log_level: str = "INFO"  # LOG_LEVEL
 
     @property
@@ -137,6 +139,8 @@ ENVIRONMENT = {
     "BASIC_AUTH_PASS": "basic_auth_pass",
     "MAX_CONTENT_LENGTH": "max_content_length",
     "MAX_POINTS": "max_points",
+    "MAX_LABEL_CONFIG_BYTES": "max_label_config_bytes",
+    "MAX_LABELS": "max_labels",
     "LOG_LEVEL": "log_level",
 }
 
@@ -197,6 +201,10 @@ def validate(settings: Settings) -> None:
         raise ValueError("EMBEDDING_CACHE_SIZE must be at least 1")
     if settings.max_concurrent_embeddings < 1:
         raise ValueError("MAX_CONCURRENT_EMBEDDINGS must be at least 1")
+    if settings.max_label_config_bytes < 1:
+        raise ValueError("MAX_LABEL_CONFIG_BYTES must be at least 1")
+    if settings.max_labels < 1:
+        raise ValueError("MAX_LABELS must be at least 1")
     if not settings.polygon_tolerance >= 0:  # also refuses NaN
         raise ValueError(f"POLYGON_TOLERANCE={settings.polygon_tolerance}: use 0 or more pixels")
     if bool(settings.basic_auth_user) != bool(settings.basic_auth_pass):
