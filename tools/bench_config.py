@@ -96,6 +96,9 @@ def http_bench(count: int, shape: str, concurrent: int = 8) -> None:
     from sam_backend.http import create_app
     from sam_backend.settings import Settings
 
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log line per call
     settings = Settings(device="cpu")
     server = make_server("127.0.0.1", 0, create_app(SamModel(_StubPredictor(), settings), settings), threaded=True)
     url = f"http://127.0.0.1:{server.server_port}"
