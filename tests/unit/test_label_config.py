@@ -272,6 +272,16 @@ def test_settings_defaults_are_the_parse_defaults():
     assert defaults.max_labels == label_config.MAX_LABELS
 
 
+def test_limits_are_read_from_the_environment_and_checked():
+    from sam_backend.settings import from_environment
+
+    read = from_environment({"MAX_LABEL_CONFIG_BYTES": "1048576", "MAX_LABELS": "20000"})
+    assert (read.max_label_config_bytes, read.max_labels) == (1 << 20, 20_000)
+    for variable in ("MAX_LABEL_CONFIG_BYTES", "MAX_LABELS"):
+        with pytest.raises(ValueError, match=variable):
+            from_environment({variable: "0"})
+
+
 def test_a_ten_thousand_class_config_fits_the_default_limits():
     for shape in bench_config.SHAPES.values():
         xml = shape(10_000)
