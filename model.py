@@ -65,7 +65,8 @@ class SamModel:
             self._projects.put(project, LabelStudioAccess(url=hostname, token=token))
         schema = body.get("schema")
         if isinstance(schema, str) and schema.strip():
-            label_config.parse(schema)  # a config we cannot serve is reported when the model is connected
+            # a config we cannot serve is reported when the model is connected
+            label_config.parse(schema, self.settings.max_label_config_bytes, self.settings.max_labels)
         return {"model_version": self.model_version}
 
     # ---- /predict -----------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ class SamModel:
         schema = body.get("label_config")
         if not isinstance(schema, str) or not schema.strip():
             raise RequestError("body.label_config must be the project's labeling config (XML)")
-        config = label_config.parse(schema)
+        config = label_config.parse(schema, self.settings.max_label_config_bytes, self.settings.max_labels)
         params = body.get("params")
         if params is None:
             params = {}

@@ -78,6 +78,8 @@ class Settings:
     #: ".example.com" for a domain and its subdomains, "*" for any). IP addresses, single-label names (Docker
     #: service names) and localhost / .local / .internal names are always answered.
     allowed_server_hosts: tuple[str, ...] = ()
+    max_label_config_bytes: int = 8 << 20  # MAX_LABEL_CONFIG_BYTES: larger labeling configs get a 413, unparsed
+    max_labels: int = 100_000  # MAX_LABELS: <Label>s (all tags together) a labeling config may have; more get a 413
     log_level: str = "INFO"  # LOG_LEVEL
 
     @property
@@ -142,6 +144,8 @@ ENVIRONMENT = {
     "MAX_CONTENT_LENGTH": "max_content_length",
     "MAX_POINTS": "max_points",
     "ALLOWED_HOSTS": "allowed_server_hosts",
+    "MAX_LABEL_CONFIG_BYTES": "max_label_config_bytes",
+    "MAX_LABELS": "max_labels",
     "LOG_LEVEL": "log_level",
 }
 
@@ -202,6 +206,10 @@ def validate(settings: Settings) -> None:
         raise ValueError("EMBEDDING_CACHE_SIZE must be at least 1")
     if settings.max_concurrent_embeddings < 1:
         raise ValueError("MAX_CONCURRENT_EMBEDDINGS must be at least 1")
+    if settings.max_label_config_bytes < 1:
+        raise ValueError("MAX_LABEL_CONFIG_BYTES must be at least 1")
+    if settings.max_labels < 1:
+        raise ValueError("MAX_LABELS must be at least 1")
     if not settings.polygon_tolerance >= 0:  # also refuses NaN
         raise ValueError(f"POLYGON_TOLERANCE={settings.polygon_tolerance}: use 0 or more pixels")
     if bool(settings.basic_auth_user) != bool(settings.basic_auth_pass):
