@@ -21,7 +21,7 @@ from sam_backend.labelstudio import label_config
 from sam_backend.labelstudio.label_config import OutputTag, ProjectConfig, PromptTag, Target
 from sam_backend.settings import Settings
 from tools import bench_config
-from tools.harness import RECORDINGS
+from tools.harness.recordings import FOLDER as RECORDINGS
 
 
 # ---- the oracle: the module as it was (LabelInterface, one label at a time) ---------------------------------
