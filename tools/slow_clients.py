@@ -346,7 +346,8 @@ class NginxFront:
         self.dir = Path(tempfile.mkdtemp(prefix="slow-clients-nginx-"))
         self.port = free_port()
         (self.dir / "nginx.conf").write_text(NGINX_CONF.format(dir=self.dir, backend=backend_port, port=self.port))
-        self.process = subprocess.Popen([binary, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
+        self.process = subprocess.Popen([binary, "-p", str(self.dir), "-e", str(self.dir / "error.log"), "-c",
+                                         str(self.dir / "nginx.conf")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
