@@ -258,6 +258,7 @@ class BufferingWorker(ThreadWorker):
             data = b""
         if not data:  # the client left
             self._stop_reading(conn)
+            self._drop_buffer(conn)
             self._close(conn)
             return
         conn.buffer += data
@@ -266,6 +267,7 @@ class BufferingWorker(ThreadWorker):
             self.log.warning("more than %d bytes of requests are being received; refusing %s", self.buffer_budget,
                              conn.client)
             self._stop_reading(conn)
+            self._drop_buffer(conn)
             self._answer_and_close(conn, 503, "Service Unavailable", "too many requests are being received at once")
             return
         found = scan(conn.buffer, self.max_head, self.max_body)
@@ -276,6 +278,7 @@ class BufferingWorker(ThreadWorker):
             return
         self._stop_reading(conn)
         if found.state == "head too large":
+            self._drop_buffer(conn)
             self._answer_and_close(conn, 431, "Request Header Fields Too Large",
                                    f"the request head is over {self.max_head} bytes")
             return
@@ -297,6 +300,10 @@ class BufferingWorker(ThreadWorker):
                 self.poller.unregister(conn.sock)
             except (KeyError, ValueError, OSError):
                 pass
+
+    def _drop_buffer(self, conn: TConn) -> None:
+        self._buffered -= len(conn.buffer)
+        conn.buffer.clear()
 
     def _dispatch(self, conn: TConn, request: bytes, light: bool) -> None:
         first = conn.parser is None
@@ -331,11 +338,11 @@ class BufferingWorker(ThreadWorker):
             if generation != conn.generation:
                 continue  # done reading that request
             self._stop_reading(conn)
-            self._buffered -= len(conn.buffer)
-            if conn.buffer.strip():
+            received = len(conn.buffer.strip())
+            self._drop_buffer(conn)
+            if received:
                 self.log.info("request from %s not received within %g s (%d bytes came); answered 408",
-                              conn.client, self.read_timeout, len(conn.buffer))
-                conn.buffer.clear()
+                              conn.client, self.read_timeout, received)
                 self._answer_and_close(conn, 408, "Request Timeout",
                                        f"the request did not arrive within {self.read_timeout:g} s "
                                        f"(REQUEST_READ_TIMEOUT)")
