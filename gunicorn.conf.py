@@ -3,15 +3,21 @@
     PORT     port to listen on, on all interfaces (default 9090)
     WORKERS  worker processes (default 1). Each worker loads its own copy of the model, so memory grows
              with WORKERS; one worker with several threads is the right shape for one CPU or one GPU.
-    THREADS  threads per worker (default 8). The predictor keeps no per-request state, so threads share the
-             model; torch and onnxruntime release the GIL while they compute.
+    THREADS  threads per worker for requests with a body, i.e. /predict and /setup (default 32). A thread is
+             held while the app runs a request, including while it waits for an image host (up to 3 x
+             IMAGE_TIMEOUT): threads are for those waits. The model work they start stays bounded on its own
+             (MAX_CONCURRENT_EMBEDDINGS encoder runs at once); torch and onnxruntime release the GIL.
     TIMEOUT  seconds a worker may stay silent before it is restarted (default 120). It also bounds the model
              load at worker start and the slowest request: a first ViT-H embedding on a CPU takes tens of
              seconds.
+    REQUEST_READ_TIMEOUT  seconds a request may take to arrive in full, head and body (default 10); past it
+             the worker answers 408 and closes the connection. Also the socket timeout of writing an answer.
     LOG_LEVEL  also the backend's own level (settings.py); gunicorn takes it lower-cased.
 
-The worker class is gthread and the access log goes to stdout (`docker compose logs sam` shows it). Each worker
-limits glibc to 2 malloc arenas (`post_fork`) unless MALLOC_ARENA_MAX is set.
+The worker class is `sam_backend.worker.BufferingWorker`: gthread, except that the event loop reads each request
+in full (with the deadline above) before a thread sees it, so slow clients hold no thread, and requests without a
+body (/health) have 2 threads of their own (see that module). The access log goes to stdout (`docker compose
+logs sam` shows it). Each worker limits glibc to 2 malloc arenas (`post_fork`) unless MALLOC_ARENA_MAX is set.
 Gunicorn applies GUNICORN_CMD_ARGS and command-line options after this file, so they override it.
 
 Run as a script (`python gunicorn.conf.py`) this file is the container health check: it asks
@@ -22,7 +28,9 @@ place.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import sys
 
 
 def _int_from_env(name: str, default: int, minimum: int) -> int:
@@ -38,15 +46,28 @@ def _int_from_env(name: str, default: int, minimum: int) -> int:
     return value
 
 
+def _seconds_from_env(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}={raw} must be a positive number of seconds")
+    return value
+
+
 port = _int_from_env("PORT", 9090, 1)
 if port > 65535:
     raise ValueError(f"PORT={port} is not a TCP port")
 
 bind = f"0.0.0.0:{port}"
 workers = _int_from_env("WORKERS", 1, 1)
-threads = _int_from_env("THREADS", 8, 1)
+threads = _int_from_env("THREADS", 32, 1)
 timeout = _int_from_env("TIMEOUT", 120, 0)  # 0 disables the worker timeout
-worker_class = "gthread"
+request_read_timeout = _seconds_from_env("REQUEST_READ_TIMEOUT", 10.0)
 
 accesslog = "-"  # stdout
 errorlog = "-"  # stderr
@@ -55,6 +76,24 @@ loglevel = os.environ.get("LOG_LEVEL", "info").strip().lower() or "info"
 # The worker heartbeat file: on tmpfs where there is one (Docker mounts /dev/shm), so a slow disk or a
 # read-only image layer never stalls it.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _worker_class():
+    """BufferingWorker with this file's settings; imported only when gunicorn loads the file, not for the health
+    check. The file's folder goes on sys.path, as gunicorn may run from anywhere with `-c path/gunicorn.conf.py`."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from sam_backend.settings import Settings
+    from sam_backend.worker import BufferingWorker
+
+    # Bodies up to the app's limit are buffered; a larger one goes to the app unread, which answers 413.
+    max_body = _int_from_env("MAX_CONTENT_LENGTH", Settings.max_content_length, 0)
+    return BufferingWorker.configured(read_timeout=request_read_timeout, max_body=max_body)
+
+
+if __name__ != "__main__":
+    worker_class = _worker_class()
 
 
 def post_fork(server, worker) -> None:

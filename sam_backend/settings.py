@@ -50,7 +50,7 @@ class Settings:
     label_studio_api_key: str = field(default="", repr=False)  # LABEL_STUDIO_API_KEY: legacy token or PAT
     local_files_root: Path | None = None  # LOCAL_FILES_DOCUMENT_ROOT
     # Images
-    image_timeout: float = 30.0  # IMAGE_TIMEOUT seconds
+    image_timeout: float = 10.0  # IMAGE_TIMEOUT seconds: connect and each read; a whole fetch at most 3x that
     image_url_ttl: float = 600.0  # IMAGE_URL_TTL: seconds a URL is taken to hold the image it held (0: always fetch)
     max_image_bytes: int = 64 << 20  # MAX_IMAGE_BYTES
     max_image_pixels: int = 100_000_000  # MAX_IMAGE_PIXELS

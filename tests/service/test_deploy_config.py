@@ -51,7 +51,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 GUNICORN_CONF = ROOT / "gunicorn.conf.py"
 
 #: read by gunicorn.conf.py (LOG_LEVEL is also a backend setting)
-GUNICORN_VARIABLES = {"PORT", "WORKERS", "THREADS", "TIMEOUT"}
+GUNICORN_VARIABLES = {"PORT", "WORKERS", "THREADS", "TIMEOUT", "REQUEST_READ_TIMEOUT"}
 BACKEND_VARIABLES = set(settings.ENVIRONMENT) | GUNICORN_VARIABLES
 #: must be set by compose for the stack to work without edits
 REQUIRED_IN_COMPOSE = {"LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOCAL_FILES_DOCUMENT_ROOT", "SAM_CHOICE",
@@ -577,7 +577,8 @@ def load_gunicorn_config(monkeypatch, **environment: str):
     """gunicorn's own Config, filled from gunicorn.conf.py under `environment` (validators included)."""
     from gunicorn.app.base import Application
 
-    for name in GUNICORN_VARIABLES | {"LOG_LEVEL", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "GUNICORN_CMD_ARGS"}:
+    for name in GUNICORN_VARIABLES | {"LOG_LEVEL", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "GUNICORN_CMD_ARGS",
+                                      "MAX_CONTENT_LENGTH"}:
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
@@ -593,24 +594,33 @@ def load_gunicorn_config(monkeypatch, **environment: str):
 
 
 def test_gunicorn_config_defaults(monkeypatch):
+    from gunicorn.workers.gthread import ThreadWorker
+
+    from sam_backend.worker import BufferingWorker
+
     cfg = load_gunicorn_config(monkeypatch)
     assert cfg.bind == ["0.0.0.0:9090"]
-    assert (cfg.workers, cfg.threads, cfg.timeout) == (1, 8, 120)
-    assert cfg.worker_class_str == "gthread"
+    assert (cfg.workers, cfg.threads, cfg.timeout) == (1, 32, 120)
+    # gthread, reading each request in full (10 s deadline) before a thread sees it
+    assert issubclass(cfg.worker_class, BufferingWorker) and issubclass(cfg.worker_class, ThreadWorker)
+    assert cfg.worker_class.read_timeout == 10.0
+    assert cfg.worker_class.max_body == settings.Settings().max_content_length
     assert cfg.accesslog == "-"
     assert cfg.loglevel == "info"
 
 
 def test_gunicorn_config_from_environment(monkeypatch):
     cfg = load_gunicorn_config(monkeypatch, PORT="19091", WORKERS="3", THREADS="2", TIMEOUT="300",
-                               LOG_LEVEL="DEBUG")
+                               LOG_LEVEL="DEBUG", REQUEST_READ_TIMEOUT="4.5", MAX_CONTENT_LENGTH="1000")
     assert cfg.bind == ["0.0.0.0:19091"]
     assert (cfg.workers, cfg.threads, cfg.timeout) == (3, 2, 300)
+    assert (cfg.worker_class.read_timeout, cfg.worker_class.max_body) == (4.5, 1000)
     assert cfg.loglevel == "debug"
 
 
 @pytest.mark.parametrize("name,value", [("PORT", "http"), ("PORT", "70000"), ("WORKERS", "0"),
-                                        ("THREADS", "-1"), ("TIMEOUT", "2m")])
+                                        ("THREADS", "-1"), ("TIMEOUT", "2m"), ("REQUEST_READ_TIMEOUT", "0"),
+                                        ("REQUEST_READ_TIMEOUT", "soon")])
 def test_gunicorn_config_refuses_bad_values(monkeypatch, capsys, name, value):
     """A bad value stops gunicorn at start-up (it prints the config file's error and exits 1)."""
     with pytest.raises(SystemExit) as stop:
@@ -711,7 +721,8 @@ def get_json(port: int, path: str) -> dict:
 
 
 def test_gunicorn_serves_with_this_config(tmp_path):
-    """PORT, WORKERS and THREADS from the environment, gthread workers, access log on stdout, health script."""
+    """PORT, WORKERS and THREADS from the environment, the buffering gthread worker (found from any folder),
+    access log on stdout, health script."""
     (tmp_path / "deploy_probe_app.py").write_text(PROBE_APP)
     nonce = uuid.uuid4().hex
     with running_gunicorn("deploy_probe_app:app", tmp_path, {"PROBE_NONCE": nonce, "WORKERS": "2",
@@ -722,7 +733,7 @@ def test_gunicorn_serves_with_this_config(tmp_path):
         assert all(a["status"] == "UP" for a in answers)
         time.sleep(1.0)  # the access log is written after the response
         out, err = logs()
-    assert "Using worker: gthread" in err, err
+    assert "Using worker: BufferingWorker" in err, err
     assert err.count("Booting worker") == 2, err
     assert f"0.0.0.0:{port}" in err
     assert re.search(r'"GET /health HTTP/1\.1" 200', out), f"no access log line on stdout:\n{out}"
