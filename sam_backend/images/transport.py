@@ -211,8 +211,14 @@ class Transport:
             raise ImageError(413, f"{shown}: {int(length)} bytes, more than MAX_IMAGE_BYTES={limit}")
         chunks: list[bytes] = []
         total = 0
+        connection = getattr(response, "connection", None)
         try:
             while True:
+                # Each read may wait only what is left of the deadline: a host trickling a byte per IMAGE_TIMEOUT
+                # would otherwise stretch the download far past it.
+                sock = getattr(connection, "sock", None)
+                if sock is not None:
+                    sock.settimeout(max(0.05, min(self.settings.image_timeout, deadline - time.monotonic())))
                 chunk = response.read1(CHUNK)
                 if not chunk:
                     break
