@@ -15,10 +15,11 @@ import numpy as np
 
 from sam_backend.labelstudio import label_config
 from sam_backend.encoding import outlines
-from sam_backend.labelstudio import prompting
+from sam_backend.labelstudio import context, prompting
+from sam_backend.labelstudio.memory import PromptMemory
 from sam_backend.encoding import rle
 from sam_backend.cache import EmbeddingCache, RecentImages
-from sam_backend.errors import ImageError, RequestError
+from sam_backend.errors import ContextError, ImageError, RequestError
 from sam_backend.images import ImageLoader, LabelStudioAccess, redact_url
 from sam_backend.sam.types import Embedding, Predictor
 from sam_backend.lru import BoundedLRU
@@ -31,13 +32,13 @@ class SamModel:
     """Answers Label Studio's calls with one predictor. Thread-safe; holds no per-request state."""
 
     def __init__(self, predictor: Predictor, settings: Settings, images: ImageLoader | None = None,
-                 cache: EmbeddingCache | None = None, memory: prompting.PromptMemory | None = None) -> None:
+                 cache: EmbeddingCache | None = None, memory: PromptMemory | None = None) -> None:
         self.predictor = predictor
         self.settings = settings
         self.images = images or ImageLoader(settings)
         self.cache = cache or EmbeddingCache(settings.embedding_cache_size, compact=settings.embedding_float16,
                                              max_computing=settings.max_concurrent_embeddings)
-        self.memory = memory or prompting.PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl)
+        self.memory = memory or PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl)
         self.recent = RecentImages(ttl=settings.image_url_ttl)
         self._projects: BoundedLRU[str, LabelStudioAccess] = BoundedLRU(max_items=256)
 
@@ -82,7 +83,7 @@ class SamModel:
             params = {}
         if not isinstance(params, Mapping):
             raise RequestError("body.params must be an object or null")
-        regions = prompting.parse_context(params.get("context"), config)
+        regions = context.parse_context(params.get("context"), config)
         project = body.get("project")
         if isinstance(project, bool) or not isinstance(project, (str, int, type(None))):
             raise RequestError("body.project must be the project's id (a string or integer) or null")
@@ -98,14 +99,14 @@ class SamModel:
         return {"results": results}
 
     def _interactive(self, task: Mapping, index: int, config: label_config.ProjectConfig,
-                     regions: list[prompting.Region], project: Any, fallback: LabelStudioAccess | None) -> dict:
+                     regions: list[context.Region], project: Any, fallback: LabelStudioAccess | None) -> dict:
         image_name = config.prompt_tags[regions[0].group[0]].to_name
         url = _image_url(task, index, config, image_name)
         embedding = self._embedding(url, task, fallback, _image_field(index, config, image_name))
         _check_sizes(regions, embedding.original_size, url)
         task_key = (project, task.get("id"), url)
         remembered = self.memory.exchange(task_key, regions)
-        everything = prompting.combine(regions, remembered, prompting.draft_regions(task, config))
+        everything = prompting.combine(regions, remembered, context.draft_regions(task, config))
         call_ids = {r.id for r in regions}
         results = []
         for target in dict.fromkeys(r.target_key for r in regions):
@@ -164,7 +165,7 @@ class SamModel:
         where = _image_field(index, config, image_name)
         self.cache.prewarm(url, lambda: self._embedding(url, task, fallback, where))
 
-    def _brush_result(self, mask: np.ndarray, score: float, region: prompting.Region, image_name: str) -> dict:
+    def _brush_result(self, mask: np.ndarray, score: float, region: context.Region, image_name: str) -> dict:
         height, width = mask.shape
         return {
             "id": uuid.uuid4().hex[:10],
@@ -216,7 +217,7 @@ def _image_url(task: Mapping, index: int, config: label_config.ProjectConfig, im
     return data[key]
 
 
-def _check_sizes(regions: list[prompting.Region], size: tuple[int, int], url: str) -> None:
+def _check_sizes(regions: list[context.Region], size: tuple[int, int], url: str) -> None:
     """Refuse a context measured on another image than the one the task names."""
     height, width = size
     for region in regions:
@@ -224,6 +225,6 @@ def _check_sizes(regions: list[prompting.Region], size: tuple[int, int], url: st
             continue
         their_width, their_height = region.original_size
         if abs(their_width - width) > 1 or abs(their_height - height) > 1:
-            raise prompting.ContextError(
+            raise ContextError(
                 f"region {region.id} was drawn on a {their_width}x{their_height} image, but the task's image "
                 f"{redact_url(url)} is {width}x{height}")
