@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
 from sam_backend.labelstudio.context import Region
+from sam_backend.lru import BoundedLRU
 from sam_backend.sam.types import Prompt
 
 
 @dataclass
 class _TaskMemory:
-    seen: float
     groups: dict[tuple[str, str], tuple[Region, ...]] = field(default_factory=dict)
     # target key -> (the prompt that produced the mask, its (1, 256, 256) low-resolution logits)
     masks: dict[tuple[str, str], tuple[Prompt, np.ndarray]] = field(default_factory=dict)
@@ -26,13 +25,20 @@ class PromptMemory:
 
     Bounded LRU with expiry: at most `max_tasks` tasks, and at most `max_tasks` remembered masks (one per task and
     class, 256 KiB each) in all, so PROMPT_MEMORY_SIZE bounds the (task, class) entries whatever the number of
-    classes. Thread-safe.
+    classes. A task unused for `ttl` seconds is forgotten. Thread-safe.
+
+    The task table is a `BoundedLRU` whose entries are put again on every use, so its ttl counts from the last
+    use. An expired task is dropped when it is next looked up or pushed out by newer ones; until then it stays
+    first in the order, so its masks are the first the mask bound takes.
     """
 
-    def __init__(self, max_tasks: int = 1024, ttl: float = 3600.0) -> None:
+    def __init__(self, max_tasks: int = 1024, ttl: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_tasks = max_tasks
         self.ttl = ttl
-        self._tasks: OrderedDict[Hashable, _TaskMemory] = OrderedDict()
+        self._tasks: BoundedLRU[Hashable, _TaskMemory] = BoundedLRU(max_tasks, ttl=ttl, clock=clock)
+        # The table locks each of its own operations; this one makes a call's read-modify-write of a task's
+        # memory, and the mask bound across tasks, atomic.
         self._lock = threading.Lock()
 
     def exchange(self, task_key: Hashable, regions: Sequence[Region]) -> list[Region]:
@@ -69,8 +75,9 @@ class PromptMemory:
             memory = self._touch(task_key)
             memory.masks.pop(target, None)
             memory.masks[target] = (prompt, logits)  # newest last
-            excess = sum(len(m.masks) for m in self._tasks.values()) - self.max_tasks
-            for older in self._tasks.values():  # least recently used first; this task, just touched, comes last
+            tasks = list(self._tasks.values())  # least recently used first; this task, just touched, comes last
+            excess = sum(len(m.masks) for m in tasks) - self.max_tasks
+            for older in tasks:
                 while older.masks and excess > 0:
                     del older.masks[next(iter(older.masks))]  # a task's oldest mask first
                     excess -= 1
@@ -78,18 +85,12 @@ class PromptMemory:
                     break
 
     def _touch(self, task_key: Hashable) -> _TaskMemory:
-        """The task's memory, created if new, marked as just used; expires and evicts others. Lock held."""
-        now = time.monotonic()
-        while self._tasks:
-            key, oldest = next(iter(self._tasks.items()))
-            if now - oldest.seen <= self.ttl:
-                break
-            del self._tasks[key]
-        memory = self._tasks.pop(task_key, None) or _TaskMemory(seen=now)
-        memory.seen = now
-        self._tasks[task_key] = memory
-        while len(self._tasks) > self.max_tasks:
-            self._tasks.popitem(last=False)
+        """The task's memory, created if new or expired, marked as just used (which may push out the least
+        recently used task). Lock held."""
+        memory = self._tasks.get(task_key)
+        if memory is None:
+            memory = _TaskMemory()
+        self._tasks.put(task_key, memory)  # put again: last in the order, and its ttl starts afresh
         return memory
 
 
