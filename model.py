@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from dataclasses import replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -19,7 +18,7 @@ from sam_backend.labelstudio import context, prompting
 from sam_backend.labelstudio.memory import PromptMemory
 from sam_backend.encoding import rle
 from sam_backend.cache import EmbeddingCache, RecentImages
-from sam_backend.errors import ContextError, ImageError, RequestError
+from sam_backend.errors import ImageError, RequestError
 from sam_backend.images import ImageLoader, LabelStudioAccess, redact_url
 from sam_backend.sam.types import Embedding, Predictor
 from sam_backend.lru import BoundedLRU
@@ -103,29 +102,17 @@ class SamModel:
         image_name = config.prompt_tags[regions[0].group[0]].to_name
         url = _image_url(task, index, config, image_name)
         embedding = self._embedding(url, task, fallback, _image_field(index, config, image_name))
-        _check_sizes(regions, embedding.original_size, url)
+        context.check_sizes(regions, embedding.original_size, redact_url(url))
         task_key = (project, task.get("id"), url)
-        remembered = self.memory.exchange(task_key, regions)
-        everything = prompting.combine(regions, remembered, context.draft_regions(task, config))
-        call_ids = {r.id for r in regions}
         results = []
-        for target in dict.fromkeys(r.target_key for r in regions):
-            of_target = prompting.drop_finished([r for r in everything if r.target_key == target], call_ids,
-                                              embedding.original_size)
-            prompt = prompting.build_prompt(of_target, embedding.original_size, self.settings.max_points)
-            if prompt is None:
-                continue
-            if self.settings.refine_masks:
-                previous = self.memory.previous_mask(task_key, target, prompt)
-                if previous is not None:
-                    prompt = replace(prompt, mask_input=previous)
+        for target, prompt in prompting.assemble(regions, task, config, self.memory, task_key,
+                                                 embedding.original_size, self.settings):
             prediction = self.predictor.decode(embedding, prompt)
-            self.memory.remember_mask(task_key, target, replace(prompt, mask_input=None),
-                                      prediction.low_res_logits)
+            self.memory.remember_mask(task_key, target, prompt, prediction.low_res_logits)
             if not prediction.mask.any():
                 continue
             if self.settings.out_mask:
-                results.append(self._brush_result(prediction.mask, prediction.score, of_target[0], image_name))
+                results.append(self._brush_result(prediction.mask, prediction.score, target, image_name))
             results += outlines.outline_results(prediction.mask, prediction.score, target, image_name, config,
                                                self.settings)
         return self._task_result(results)
@@ -165,11 +152,11 @@ class SamModel:
         where = _image_field(index, config, image_name)
         self.cache.prewarm(url, lambda: self._embedding(url, task, fallback, where))
 
-    def _brush_result(self, mask: np.ndarray, score: float, region: context.Region, image_name: str) -> dict:
+    def _brush_result(self, mask: np.ndarray, score: float, target: tuple[str, str], image_name: str) -> dict:
         height, width = mask.shape
         return {
             "id": uuid.uuid4().hex[:10],
-            "from_name": region.target.brush_tag,
+            "from_name": target[0],
             "to_name": image_name,
             "type": "brushlabels",
             "original_width": width,
@@ -177,7 +164,7 @@ class SamModel:
             "image_rotation": 0,
             "readonly": False,
             "score": round(min(max(score, 0.0), 1.0), 4),
-            "value": {"format": "rle", "rle": rle.encode(mask), "brushlabels": [region.target.label]},
+            "value": {"format": "rle", "rle": rle.encode(mask), "brushlabels": [target[1]]},
         }
 
     def _task_result(self, results: list[dict]) -> dict:
@@ -215,16 +202,3 @@ def _image_url(task: Mapping, index: int, config: label_config.ProjectConfig, im
         raise RequestError(f"body.tasks[{index}].data.{key} must be the URL of the task's image "
                            f"(the config's <Image name={image_name!r} value='${key}'>)")
     return data[key]
-
-
-def _check_sizes(regions: list[context.Region], size: tuple[int, int], url: str) -> None:
-    """Refuse a context measured on another image than the one the task names."""
-    height, width = size
-    for region in regions:
-        if region.original_size is None:
-            continue
-        their_width, their_height = region.original_size
-        if abs(their_width - width) > 1 or abs(their_height - height) > 1:
-            raise ContextError(
-                f"region {region.id} was drawn on a {their_width}x{their_height} image, but the task's image "
-                f"{redact_url(url)} is {width}x{height}")

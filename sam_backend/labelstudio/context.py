@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from sam_backend.errors import ConfigError, ContextError
 from sam_backend.labelstudio.label_config import ProjectConfig, Target
@@ -153,3 +153,17 @@ def draft_regions(task: Mapping[str, Any], config: ProjectConfig) -> list[Region
         except (ContextError, ConfigError):
             continue
     return regions
+
+
+def check_sizes(regions: Sequence[Region], size: tuple[int, int], image: str) -> None:
+    """Refuse a context measured on another image than the one the task names. size: (H, W) of the task's
+    image; image: what to call it in the error (its redacted URL). A pixel of difference is rounding."""
+    height, width = size
+    for region in regions:
+        if region.original_size is None:
+            continue
+        their_width, their_height = region.original_size
+        if abs(their_width - width) > 1 or abs(their_height - height) > 1:
+            raise ContextError(
+                f"region {region.id} was drawn on a {their_width}x{their_height} image, but the task's image "
+                f"{image} is {width}x{height}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable, Sequence
 
 import numpy as np
@@ -71,6 +71,8 @@ class PromptMemory:
         return logits if extends else None
 
     def remember_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt, logits: np.ndarray) -> None:
+        """Keep `logits`, the mask `prompt` produced for `target`, for the next call's `previous_mask`."""
+        prompt = replace(prompt, mask_input=None)  # not needed to compare prompts, and as large as the logits
         with self._lock:
             memory = self._touch(task_key)
             memory.masks.pop(target, None)

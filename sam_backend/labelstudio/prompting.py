@@ -12,13 +12,45 @@ regions that contradict the call's (`drop_finished`): those belong to an object 
 from __future__ import annotations
 
 import math
-from typing import Collection, Iterable, Sequence
+from dataclasses import replace
+from typing import Any, Collection, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from sam_backend.errors import ContextError
-from sam_backend.labelstudio.context import Region
+from sam_backend.labelstudio.context import Region, draft_regions
+from sam_backend.labelstudio.label_config import ProjectConfig
+from sam_backend.labelstudio.memory import PromptMemory
 from sam_backend.sam.types import Prompt
+from sam_backend.settings import Settings
+
+
+def assemble(call: Sequence[Region], task: Mapping[str, Any], config: ProjectConfig, memory: PromptMemory,
+             task_key: Hashable, image_size: tuple[int, int],
+             settings: Settings) -> list[tuple[tuple[str, str], Prompt]]:
+    """The prompts of one /predict call on one task: (target key, Prompt) per object class of the call, in the
+    call's order. A class with nothing to ask for yet (only negative clicks) gets none.
+
+    call: the regions of params.context; task_key: what the memory files this task under; image_size: (H, W).
+    Records the call's regions in `memory` for later calls. With settings.refine_masks, a prompt that only adds
+    clicks to the one that produced the class's last mask carries that mask as `mask_input`; the caller hands
+    each new mask back with `memory.remember_mask`.
+    """
+    remembered = memory.exchange(task_key, call)
+    everything = combine(call, remembered, draft_regions(task, config))
+    call_ids = {r.id for r in call}
+    prompts = []
+    for target in dict.fromkeys(r.target_key for r in call):
+        of_target = drop_finished([r for r in everything if r.target_key == target], call_ids, image_size)
+        prompt = build_prompt(of_target, image_size, settings.max_points)
+        if prompt is None:
+            continue
+        if settings.refine_masks:
+            previous = memory.previous_mask(task_key, target, prompt)
+            if previous is not None:
+                prompt = replace(prompt, mask_input=previous)
+        prompts.append((target, prompt))
+    return prompts
 
 
 def combine(call: Sequence[Region], remembered: Iterable[Region], drafted: Iterable[Region]) -> list[Region]:

@@ -154,3 +154,13 @@ def test_an_expired_tasks_masks_go_first():
     assert memory.previous_mask("new", ("tag", "Cat"), more)[0, 0, 0] == 2
     assert memory.previous_mask("new", ("tag", "Dog"), more)[0, 0, 0] == 3
     assert sum(len(m.masks) for m in memory._tasks.values()) == 2
+
+
+def test_a_remembered_prompt_keeps_no_input_mask():
+    """The input mask is as large as the logits and plays no part in comparing prompts: not kept."""
+    memory = PromptMemory()
+    refined = Prompt(points=np.array([[1, 1]], np.float32), labels=np.array([1], np.int32), mask_input=logits(9))
+    memory.remember_mask("task", ("tag", "Cat"), refined, logits(1))
+    ((kept, _),) = [entry for m in memory._tasks.values() for entry in m.masks.values()]
+    assert kept.mask_input is None and np.array_equal(kept.points, refined.points)
+    assert memory.previous_mask("task", ("tag", "Cat"), prompt((1, 1, 1), (2, 2, 0)))[0, 0, 0] == 1
