@@ -13,8 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from sam_backend.labelstudio import label_config
-from sam_backend.encoding import outlines
-from sam_backend.labelstudio import context, prompting
+from sam_backend.labelstudio import context, prompting, results
 from sam_backend.labelstudio.memory import PromptMemory
 from sam_backend.encoding import rle
 from sam_backend.cache import EmbeddingCache, RecentImages
@@ -88,14 +87,14 @@ class SamModel:
             raise RequestError("body.project must be the project's id (a string or integer) or null")
         fallback = self._projects.get(project) if isinstance(project, str) else None
         tasks = [_task(task, index) for index, task in enumerate(tasks)]  # all checked before any work
-        results = []
+        answers = []
         for index, task in enumerate(tasks):
             if regions:
-                results.append(self._interactive(task, index, config, regions, project, fallback))
+                answers.append(self._interactive(task, index, config, regions, project, fallback))
             else:
                 self._prewarm(task, index, config, fallback)
-                results.append(self._task_result([]))
-        return {"results": results}
+                answers.append(self._task_result([]))
+        return {"results": answers}
 
     def _interactive(self, task: Mapping, index: int, config: label_config.ProjectConfig,
                      regions: list[context.Region], project: Any, fallback: LabelStudioAccess | None) -> dict:
@@ -104,7 +103,7 @@ class SamModel:
         embedding = self._embedding(url, task, fallback, _image_field(index, config, image_name))
         context.check_sizes(regions, embedding.original_size, redact_url(url))
         task_key = (project, task.get("id"), url)
-        results = []
+        found = []
         for target, prompt in prompting.assemble(regions, task, config, self.memory, task_key,
                                                  embedding.original_size, self.settings):
             prediction = self.predictor.decode(embedding, prompt)
@@ -112,10 +111,10 @@ class SamModel:
             if not prediction.mask.any():
                 continue
             if self.settings.out_mask:
-                results.append(self._brush_result(prediction.mask, prediction.score, target, image_name))
-            results += outlines.outline_results(prediction.mask, prediction.score, target, image_name, config,
-                                               self.settings)
-        return self._task_result(results)
+                found.append(self._brush_result(prediction.mask, prediction.score, target, image_name))
+            found += results.outline_results(prediction.mask, prediction.score, target, image_name, config,
+                                             self.settings)
+        return self._task_result(found)
 
     def _embedding(self, url: str, task: Mapping, fallback: LabelStudioAccess | None, where: str) -> Embedding:
         """The embedding of the task's image. `where` names the task field holding `url`, for decode errors.
@@ -167,9 +166,9 @@ class SamModel:
             "value": {"format": "rle", "rle": rle.encode(mask), "brushlabels": [target[1]]},
         }
 
-    def _task_result(self, results: list[dict]) -> dict:
-        score = float(np.mean([r["score"] for r in results])) if results else 0.0
-        return {"result": results, "score": round(score, 4), "model_version": self.model_version}
+    def _task_result(self, regions: list[dict]) -> dict:
+        score = float(np.mean([r["score"] for r in regions])) if regions else 0.0
+        return {"result": regions, "score": round(score, 4), "model_version": self.model_version}
 
 
 def _object(value: Any, where: str) -> Mapping:
