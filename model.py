@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import uuid
 from typing import Any, Mapping
-
-import numpy as np
 
 from sam_backend.labelstudio import label_config
 from sam_backend.labelstudio import context, prompting, results
 from sam_backend.labelstudio.memory import PromptMemory
-from sam_backend.encoding import rle
 from sam_backend.cache import EmbeddingCache, RecentImages
 from sam_backend.errors import ImageError, RequestError
 from sam_backend.images import ImageLoader, LabelStudioAccess, redact_url
@@ -93,7 +89,7 @@ class SamModel:
                 answers.append(self._interactive(task, index, config, regions, project, fallback))
             else:
                 self._prewarm(task, index, config, fallback)
-                answers.append(self._task_result([]))
+                answers.append(results.task_result([], self.model_version))
         return {"results": answers}
 
     def _interactive(self, task: Mapping, index: int, config: label_config.ProjectConfig,
@@ -108,13 +104,10 @@ class SamModel:
                                                  embedding.original_size, self.settings):
             prediction = self.predictor.decode(embedding, prompt)
             self.memory.remember_mask(task_key, target, prompt, prediction.low_res_logits)
-            if not prediction.mask.any():
-                continue
-            if self.settings.out_mask:
-                found.append(self._brush_result(prediction.mask, prediction.score, target, image_name))
-            found += results.outline_results(prediction.mask, prediction.score, target, image_name, config,
-                                             self.settings)
-        return self._task_result(found)
+            if prediction.mask.any():
+                found += results.mask_results(prediction.mask, prediction.score, target, image_name, config,
+                                              self.settings)
+        return results.task_result(found, self.model_version)
 
     def _embedding(self, url: str, task: Mapping, fallback: LabelStudioAccess | None, where: str) -> Embedding:
         """The embedding of the task's image. `where` names the task field holding `url`, for decode errors.
@@ -150,25 +143,6 @@ class SamModel:
             return
         where = _image_field(index, config, image_name)
         self.cache.prewarm(url, lambda: self._embedding(url, task, fallback, where))
-
-    def _brush_result(self, mask: np.ndarray, score: float, target: tuple[str, str], image_name: str) -> dict:
-        height, width = mask.shape
-        return {
-            "id": uuid.uuid4().hex[:10],
-            "from_name": target[0],
-            "to_name": image_name,
-            "type": "brushlabels",
-            "original_width": width,
-            "original_height": height,
-            "image_rotation": 0,
-            "readonly": False,
-            "score": round(min(max(score, 0.0), 1.0), 4),
-            "value": {"format": "rle", "rle": rle.encode(mask), "brushlabels": [target[1]]},
-        }
-
-    def _task_result(self, regions: list[dict]) -> dict:
-        score = float(np.mean([r["score"] for r in regions])) if regions else 0.0
-        return {"result": regions, "score": round(score, 4), "model_version": self.model_version}
 
 
 def _object(value: Any, where: str) -> Mapping:

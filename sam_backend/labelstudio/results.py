@@ -1,5 +1,9 @@
 """A mask as Label Studio results: the brush region (RLE), PolygonLabels and RectangleLabels regions, and the
-task's prediction around them. The geometry (polygons, boxes) is `sam_backend.encoding.outlines`'.
+task's prediction around them. The geometry (polygons, boxes) is `sam_backend.encoding.outlines`', the brush
+RLE `sam_backend.encoding.rle`'.
+
+Every region gets a fresh 10-character id and SAM's predicted IoU, clamped to 0..1, as its score; the task's
+score is the mean of its regions'.
 
 Label Studio puts regions in percent of the image, 0 at the left / top edge, 100 at the right / bottom edge;
 outlines works in pixel-edge coordinates, so percent = pixel-edge coordinate / image size * 100.
@@ -7,7 +11,9 @@ outlines works in pixel-edge coordinates, so percent = pixel-edge coordinate / i
 Polygons: one Label Studio region per 8-connected component of the mask, holes filled (Label Studio polygons
 have none; the brush region keeps them), small components dropped (see outlines.polygons).
 
-Which outputs a mask gets (`outline_results`; the brush RLE region is model.py's, with OUT_MASK, default on):
+Which outputs a mask gets (`mask_results`):
+
+* the brush region with OUT_MASK (`--with out_mask`, default on);
 
 * polygons when the labeling config has a PolygonLabels tag on the image with a label for the mask's class
   (a label naming the brush label as a prompt label would: the same value, or the seed's numeric aliases).
@@ -27,7 +33,10 @@ from typing import Callable
 
 import numpy as np
 
+from sam_backend.encoding import rle
 from sam_backend.encoding.outlines import DEFAULT_MIN_AREA, DEFAULT_TOLERANCE, bounding_box, check_mask, polygons
+from sam_backend.labelstudio.label_config import ProjectConfig
+from sam_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,11 @@ DECIMALS = 4
 
 def _new_id() -> str:
     return uuid.uuid4().hex[:10]
+
+
+def _score(score: float) -> float:
+    """A score as Label Studio shows it: 0..1, four decimals."""
+    return round(min(max(float(score), 0.0), 1.0), 4)
 
 
 def _percent(value: float, size: int) -> float:
@@ -54,9 +68,21 @@ def _result(kind: str, value: dict, *, from_name: str, to_name: str, label: str,
         "original_height": int(height),
         "image_rotation": 0,
         "readonly": False,
-        "score": round(min(max(float(score), 0.0), 1.0), 4),
+        "score": _score(score),
         "value": {**value, kind: [label]},
     }
+
+
+def brush_region(mask: np.ndarray, *, from_name: str, to_name: str, label: str, score: float,
+                 new_id: Callable[[], str] = _new_id) -> dict:
+    """A BrushLabels result: all of the mask's pixels (holes kept) as Label Studio brush RLE.
+
+    mask: (H, W) bool, or uint8 alpha (see rle.encode). value: {"format": "rle", "rle": [...], "brushlabels": [label]}.
+    """
+    encoded = rle.encode(mask)
+    height, width = np.shape(mask)
+    return _result("brushlabels", {"format": "rle", "rle": encoded}, from_name=from_name, to_name=to_name,
+                   label=label, score=score, width=width, height=height, region_id=new_id())
 
 
 def polygon_regions(mask: np.ndarray, *, from_name: str, to_name: str, label: str, score: float,
@@ -93,9 +119,21 @@ def rectangle_region(mask: np.ndarray, *, from_name: str, to_name: str, label: s
                    width=width, height=height, region_id=new_id())
 
 
-def outline_results(mask: np.ndarray, score: float, target: tuple[str, str], image: str, config,
-                    settings) -> list[dict]:
-    """The polygon and rectangle results `config` (a label_config.ProjectConfig) and `settings` ask for.
+def mask_results(mask: np.ndarray, score: float, target: tuple[str, str], image: str, config: ProjectConfig,
+                 settings: Settings) -> list[dict]:
+    """Every result `config` and `settings` ask for of one mask: the brush region, then the outlines.
+
+    target: (brush tag, brush label value) of the mask's class; image: the Image tag's name.
+    """
+    found = []
+    if settings.out_mask:
+        found.append(brush_region(mask, from_name=target[0], to_name=image, label=target[1], score=score))
+    return found + outline_results(mask, score, target, image, config, settings)
+
+
+def outline_results(mask: np.ndarray, score: float, target: tuple[str, str], image: str, config: ProjectConfig,
+                    settings: Settings) -> list[dict]:
+    """The polygon and rectangle results `config` and `settings` ask for.
 
     target: (brush tag, brush label value) of the mask's class; image: the Image tag's name.
     """
@@ -118,6 +156,12 @@ def outline_results(mask: np.ndarray, score: float, target: tuple[str, str], ima
                                       score=score)
             results += [region] if region is not None else []
     return results
+
+
+def task_result(regions: list[dict], model_version: str) -> dict:
+    """One task's prediction: its regions, their mean score (0 without any) and the model that made them."""
+    score = float(np.mean([r["score"] for r in regions])) if regions else 0.0
+    return {"result": regions, "score": round(score, 4), "model_version": model_version}
 
 
 @lru_cache(maxsize=256)
