@@ -161,7 +161,7 @@ def convert(tasks: list, *, polygons: str = "polygon", predictions: bool = False
                 annotation.update(segmentation=rle_encode(mask), area=int(mask.sum()), bbox=_mask_bbox(mask))
             else:
                 x, y = points[:, 0], points[:, 1]
-                area = abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+                area = outlines.pixel_area(points)
                 annotation.update(segmentation=[[round(float(v), 3) for v in points.ravel()]], area=round(area, 3),
                                   bbox=[round(float(v), 3) for v in (x.min(), y.min(), x.max() - x.min(),
                                                                       y.max() - y.min())])

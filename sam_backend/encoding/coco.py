@@ -25,7 +25,7 @@ def rle_counts(mask: np.ndarray) -> list[int]:
 
 
 def compress_counts(counts: Iterable[int]) -> str:
-    """pycocotools' string form of RLE counts: each count from the third on is stored as its difference to
+    """pycocotools' string form of RLE counts: each count from the fourth on is stored as its difference to
     the count two before; each number as little-endian 5-bit groups with a sign bit (0x10) in the last group,
     0x20 marking "more groups follow", each group + 48 as one ASCII character."""
     counts = list(counts)

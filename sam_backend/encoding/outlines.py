@@ -70,7 +70,7 @@ def polygons(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
         corners = corners[np.any(corners != np.roll(corners, 1, axis=0), axis=1)]
         if len(corners) < 3:
             continue
-        area = _pixel_area(corners)
+        area = pixel_area(corners)
         if area < max(min_area, 1):
             continue
         border = corners.astype(np.int32)
@@ -83,8 +83,9 @@ def polygons(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
     return [border for _, border in found]
 
 
-def _pixel_area(corners: np.ndarray) -> float:
-    """Area of an exact pixel border (shoelace): the component's pixel count, holes included."""
+def pixel_area(corners: np.ndarray) -> float:
+    """Area in pixels of a polygon, (N, 2) x, y pixel-edge coordinates (shoelace). Of an exact pixel border: the
+    component's pixel count, holes included."""
     x, y = corners[:, 0].astype(np.float64), corners[:, 1].astype(np.float64)
     return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
 
