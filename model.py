@@ -1,25 +1,33 @@
-"""The Label Studio layer: `/setup` and `/predict` bodies in, Label Studio results out.
+"""The Label Studio layer: `/setup` and `/predict` bodies in, Label Studio results out. Orchestration only;
+each step of a /predict call lives in the library:
 
-Data flows one way: request -> prompt (prompting.py) -> image (images.py) -> embedding (embedding_cache.py,
-predictor) -> mask -> brush RLE result (rle.py). Nothing here knows torch or onnxruntime.
+1. validate the body: here (tasks, labeling config, params, project), the config by
+   `sam_backend.labelstudio.label_config`, the interactive context by `labelstudio.context`;
+2. assemble the prompts: `labelstudio.prompting.assemble` (the call's regions, `labelstudio.memory`'s regions
+   of earlier calls and the task's draft -> one `Prompt` per object class, with the previous mask to refine);
+3. get the embedding: `sam_backend.images` downloads and decodes the task's image, `sam_backend.cache` runs the
+   encoder once per image (and ahead of time when Label Studio opens a task);
+4. decode: the `Predictor` handed in (`sam_backend.sam.types`; torch or ONNX Runtime, picked by
+   `sam_backend.sam.loading`);
+5. build the results: `labelstudio.results` (brush RLE by `encoding.rle`, polygons and boxes by
+   `encoding.outlines`).
+
+Nothing here imports torch, onnxruntime, flask or a predictor module: `sam_backend.http` serves a SamModel,
+`_wsgi` puts the two together.
 """
 from __future__ import annotations
 
 import hashlib
-import logging
 from typing import Any, Mapping
 
-from sam_backend.labelstudio import label_config
-from sam_backend.labelstudio import context, prompting, results
-from sam_backend.labelstudio.memory import PromptMemory
 from sam_backend.cache import EmbeddingCache, RecentImages
 from sam_backend.errors import ImageError, RequestError
 from sam_backend.images import ImageLoader, LabelStudioAccess, redact_url
-from sam_backend.sam.types import Embedding, Predictor
+from sam_backend.labelstudio import context, label_config, prompting, results
+from sam_backend.labelstudio.memory import PromptMemory
 from sam_backend.lru import BoundedLRU
+from sam_backend.sam.types import Embedding, Predictor
 from sam_backend.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 class SamModel:
