@@ -1,44 +1,47 @@
-"""The Label Studio layer: `/setup` and `/predict` bodies in, Label Studio results out.
+"""The Label Studio layer: `/setup` and `/predict` bodies in, Label Studio results out. Orchestration only;
+each step of a /predict call lives in the library:
 
-Data flows one way: request -> prompt (prompting.py) -> image (images.py) -> embedding (embedding_cache.py,
-predictor) -> mask -> brush RLE result (rle.py). Nothing here knows torch or onnxruntime.
+1. validate the body: here (tasks, labeling config, params, project), the config by
+   `sam_backend.labelstudio.label_config`, the interactive context by `labelstudio.context`;
+2. assemble the prompts: `labelstudio.prompting.assemble` (the call's regions, `labelstudio.memory`'s regions
+   of earlier calls and the task's draft -> one `Prompt` per object class, with the previous mask to refine);
+3. get the embedding: `sam_backend.images` downloads and decodes the task's image, `sam_backend.cache` runs the
+   encoder once per image (and ahead of time when Label Studio opens a task);
+4. decode: the `Predictor` handed in (`sam_backend.sam.types`; torch or ONNX Runtime, picked by
+   `sam_backend.sam.loading`);
+5. build the results: `labelstudio.results` (brush RLE by `encoding.rle`, polygons and boxes by
+   `encoding.outlines`).
+
+Nothing here imports torch, onnxruntime, flask or a predictor module: `sam_backend.http` serves a SamModel,
+`_wsgi` puts the two together.
 """
 from __future__ import annotations
 
 import hashlib
-import logging
-import uuid
-from dataclasses import replace
 from typing import Any, Mapping
 
-import numpy as np
-
-from sam_backend.labelstudio import label_config
-from sam_backend.encoding import outlines
-from sam_backend.labelstudio import prompting
-from sam_backend.encoding import rle
 from sam_backend.cache import EmbeddingCache, RecentImages
 from sam_backend.errors import ImageError, RequestError
 from sam_backend.images import ImageLoader, LabelStudioAccess
 from sam_backend.images.redact import redact_url
-from sam_backend.sam.types import Embedding, Predictor
+from sam_backend.labelstudio import context, label_config, prompting, results
+from sam_backend.labelstudio.memory import PromptMemory
 from sam_backend.lru import BoundedLRU
+from sam_backend.sam.types import Embedding, Predictor
 from sam_backend.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 class SamModel:
     """Answers Label Studio's calls with one predictor. Thread-safe; holds no per-request state."""
 
     def __init__(self, predictor: Predictor, settings: Settings, images: ImageLoader | None = None,
-                 cache: EmbeddingCache | None = None, memory: prompting.PromptMemory | None = None) -> None:
+                 cache: EmbeddingCache | None = None, memory: PromptMemory | None = None) -> None:
         self.predictor = predictor
         self.settings = settings
         self.images = images or ImageLoader(settings)
         self.cache = cache or EmbeddingCache(settings.embedding_cache_size, compact=settings.embedding_float16,
                                              max_computing=settings.max_concurrent_embeddings)
-        self.memory = memory or prompting.PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl)
+        self.memory = memory or PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl)
         self.recent = RecentImages(ttl=settings.image_url_ttl)
         self._projects: BoundedLRU[str, LabelStudioAccess] = BoundedLRU(max_items=256)
 
@@ -84,52 +87,37 @@ class SamModel:
             params = {}
         if not isinstance(params, Mapping):
             raise RequestError("body.params must be an object or null")
-        regions = prompting.parse_context(params.get("context"), config)
+        regions = context.parse_context(params.get("context"), config)
         project = body.get("project")
         if isinstance(project, bool) or not isinstance(project, (str, int, type(None))):
             raise RequestError("body.project must be the project's id (a string or integer) or null")
         fallback = self._projects.get(project) if isinstance(project, str) else None
         tasks = [_task(task, index) for index, task in enumerate(tasks)]  # all checked before any work
-        results = []
+        answers = []
         for index, task in enumerate(tasks):
             if regions:
-                results.append(self._interactive(task, index, config, regions, project, fallback))
+                answers.append(self._interactive(task, index, config, regions, project, fallback))
             else:
                 self._prewarm(task, index, config, fallback)
-                results.append(self._task_result([]))
-        return {"results": results}
+                answers.append(results.task_result([], self.model_version))
+        return {"results": answers}
 
     def _interactive(self, task: Mapping, index: int, config: label_config.ProjectConfig,
-                     regions: list[prompting.Region], project: Any, fallback: LabelStudioAccess | None) -> dict:
+                     regions: list[context.Region], project: Any, fallback: LabelStudioAccess | None) -> dict:
         image_name = config.prompt_tags[regions[0].group[0]].to_name
         url = _image_url(task, index, config, image_name)
         embedding = self._embedding(url, task, fallback, _image_field(index, config, image_name))
-        _check_sizes(regions, embedding.original_size, url)
+        context.check_sizes(regions, embedding.original_size, redact_url(url))
         task_key = (project, task.get("id"), url)
-        remembered = self.memory.exchange(task_key, regions)
-        everything = prompting.combine(regions, remembered, prompting.draft_regions(task, config))
-        call_ids = {r.id for r in regions}
-        results = []
-        for target in dict.fromkeys(r.target_key for r in regions):
-            of_target = prompting.drop_finished([r for r in everything if r.target_key == target], call_ids,
-                                              embedding.original_size)
-            prompt = prompting.build_prompt(of_target, embedding.original_size, self.settings.max_points)
-            if prompt is None:
-                continue
-            if self.settings.refine_masks:
-                previous = self.memory.previous_mask(task_key, target, prompt)
-                if previous is not None:
-                    prompt = replace(prompt, mask_input=previous)
+        found = []
+        for target, prompt in prompting.assemble(regions, task, config, self.memory, task_key,
+                                                 embedding.original_size, self.settings):
             prediction = self.predictor.decode(embedding, prompt)
-            self.memory.remember_mask(task_key, target, replace(prompt, mask_input=None),
-                                      prediction.low_res_logits)
-            if not prediction.mask.any():
-                continue
-            if self.settings.out_mask:
-                results.append(self._brush_result(prediction.mask, prediction.score, of_target[0], image_name))
-            results += outlines.outline_results(prediction.mask, prediction.score, target, image_name, config,
-                                               self.settings)
-        return self._task_result(results)
+            self.memory.remember_mask(task_key, target, prompt, prediction.low_res_logits)
+            if prediction.mask.any():
+                found += results.mask_results(prediction.mask, prediction.score, target, image_name, config,
+                                              self.settings)
+        return results.task_result(found, self.model_version)
 
     def _embedding(self, url: str, task: Mapping, fallback: LabelStudioAccess | None, where: str) -> Embedding:
         """The embedding of the task's image. `where` names the task field holding `url`, for decode errors.
@@ -166,25 +154,6 @@ class SamModel:
         where = _image_field(index, config, image_name)
         self.cache.prewarm(url, lambda: self._embedding(url, task, fallback, where))
 
-    def _brush_result(self, mask: np.ndarray, score: float, region: prompting.Region, image_name: str) -> dict:
-        height, width = mask.shape
-        return {
-            "id": uuid.uuid4().hex[:10],
-            "from_name": region.target.brush_tag,
-            "to_name": image_name,
-            "type": "brushlabels",
-            "original_width": width,
-            "original_height": height,
-            "image_rotation": 0,
-            "readonly": False,
-            "score": round(min(max(score, 0.0), 1.0), 4),
-            "value": {"format": "rle", "rle": rle.encode(mask), "brushlabels": [region.target.label]},
-        }
-
-    def _task_result(self, results: list[dict]) -> dict:
-        score = float(np.mean([r["score"] for r in results])) if results else 0.0
-        return {"result": results, "score": round(score, 4), "model_version": self.model_version}
-
 
 def _object(value: Any, where: str) -> Mapping:
     if not isinstance(value, Mapping):
@@ -216,16 +185,3 @@ def _image_url(task: Mapping, index: int, config: label_config.ProjectConfig, im
         raise RequestError(f"body.tasks[{index}].data.{key} must be the URL of the task's image "
                            f"(the config's <Image name={image_name!r} value='${key}'>)")
     return data[key]
-
-
-def _check_sizes(regions: list[prompting.Region], size: tuple[int, int], url: str) -> None:
-    """Refuse a context measured on another image than the one the task names."""
-    height, width = size
-    for region in regions:
-        if region.original_size is None:
-            continue
-        their_width, their_height = region.original_size
-        if abs(their_width - width) > 1 or abs(their_height - height) > 1:
-            raise prompting.ContextError(
-                f"region {region.id} was drawn on a {their_width}x{their_height} image, but the task's image "
-                f"{redact_url(url)} is {width}x{height}")

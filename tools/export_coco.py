@@ -30,8 +30,8 @@ Output (COCO, https://cocodataset.org/#format-data):
 Several annotations of one task are all exported (each annotator's objects) unless --latest keeps only the
 task's last one; cancelled (skipped) annotations are left out.
 
-Compressed RLE is implemented here (`rle_encode` / `rle_decode`, `compress_counts` / `decompress_counts`),
-so pycocotools is not needed; tests/test_export_coco.py checks it against pycocotools when that is installed.
+Compressed RLE is sam_backend/encoding/coco.py's (`rle_encode` / `rle_decode`), so pycocotools is not needed;
+tests/unit/test_coco.py checks it against pycocotools when that is installed.
 """
 from __future__ import annotations
 
@@ -41,90 +41,15 @@ import sys
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Mapping
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from sam_backend.encoding import outlines
-from sam_backend.encoding import rle
+from sam_backend.encoding import outlines, rle
+from sam_backend.encoding.coco import rle_encode
 
 SEGMENT_TYPES = ("brushlabels", "polygonlabels")
-
-
-# ---- COCO compressed RLE ---------------------------------------------------------------------------------
-def rle_counts(mask: np.ndarray) -> list[int]:
-    """Run lengths of the mask in column-major order, alternating background / object, background first
-    (so the first count is 0 when the top-left pixel is set)."""
-    flat = np.asarray(mask, bool).ravel(order="F")
-    if flat.size == 0:
-        return []
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    return ([0] + counts) if flat[0] else counts
-
-
-def compress_counts(counts: Iterable[int]) -> str:
-    """pycocotools' string form of RLE counts: each count from the third on is stored as its difference to
-    the count two before; each number as little-endian 5-bit groups with a sign bit (0x10) in the last group,
-    0x20 marking "more groups follow", each group + 48 as one ASCII character."""
-    counts = list(counts)
-    chars = []
-    for index, count in enumerate(counts):
-        value = int(count) - (int(counts[index - 2]) if index > 2 else 0)
-        more = True
-        while more:
-            group = value & 0x1F
-            value >>= 5  # arithmetic shift: negative values end at -1
-            more = value != -1 if group & 0x10 else value != 0
-            chars.append(chr(group + 48 + (0x20 if more else 0)))
-    return "".join(chars)
-
-
-def decompress_counts(text: str) -> list[int]:
-    """Inverse of `compress_counts`."""
-    counts: list[int] = []
-    position = 0
-    while position < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(text):
-                raise ValueError("COCO RLE string ends inside a number")
-            group = ord(text[position]) - 48
-            if not 0 <= group < 64:
-                raise ValueError(f"character {text[position]!r} is not COCO RLE")
-            value |= (group & 0x1F) << shift
-            more = bool(group & 0x20)
-            position += 1
-            shift += 5
-            if not more and group & 0x10:
-                value |= -1 << shift
-        if len(counts) > 2:
-            value += counts[-2]
-        counts.append(value)
-    return counts
-
-
-def rle_encode(mask: np.ndarray) -> dict:
-    """(H, W) mask -> {"size": [H, W], "counts": str}, as pycocotools.mask.encode (decoded to str) gives."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": compress_counts(rle_counts(mask))}
-
-
-def rle_decode(segmentation: Mapping[str, Any]) -> np.ndarray:
-    """{"size": [H, W], "counts": str or list of ints} -> (H, W) bool."""
-    height, width = (int(v) for v in segmentation["size"])
-    counts = segmentation["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    counts = decompress_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
-    if any(c < 0 for c in counts) or sum(counts) != height * width:
-        raise ValueError(f"RLE counts cover {sum(counts)} pixels, a {height}x{width} mask has {height * width}")
-    values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape((height, width), order="F")
 
 
 def _mask_bbox(mask: np.ndarray) -> list[int]:
@@ -236,7 +161,7 @@ def convert(tasks: list, *, polygons: str = "polygon", predictions: bool = False
                 annotation.update(segmentation=rle_encode(mask), area=int(mask.sum()), bbox=_mask_bbox(mask))
             else:
                 x, y = points[:, 0], points[:, 1]
-                area = abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+                area = outlines.pixel_area(points)
                 annotation.update(segmentation=[[round(float(v), 3) for v in points.ravel()]], area=round(area, 3),
                                   bbox=[round(float(v), 3) for v in (x.min(), y.min(), x.max() - x.min(),
                                                                       y.max() - y.min())])

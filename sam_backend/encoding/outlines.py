@@ -1,63 +1,42 @@
-"""A mask as Label Studio PolygonLabels and RectangleLabels results (the brush RLE result is model.py's).
+"""The geometry of a mask's outline: polygons around its parts, their rasterisation, its tight box (numpy and cv2
+only; the Label Studio results built from them are `sam_backend.labelstudio.results`').
 
-Coordinates: Label Studio puts regions in percent of the image, 0 at the left / top edge, 100 at the right /
-bottom edge. Everything here works in pixel-edge coordinates (pixel (row r, column c) is the unit square
+Coordinates: everything here works in pixel-edge coordinates (pixel (row r, column c) is the unit square
 [c, c + 1] x [r, r + 1]), so a polygon around all of a mask's pixels and a box around them land exactly on
-the pixel borders, and percent = pixel-edge coordinate / image size * 100.
+the pixel borders.
 
-Polygons (`polygons`, `polygon_regions`):
+Polygons (`polygons`):
 
-* one polygon, and one Label Studio region, per 8-connected component of the mask;
+* one polygon per 8-connected component of the mask;
 * traced along the pixels' outer edges, exactly (the 2x-upsampled mask's contour, mapped back to pixel
   corners: the unsimplified polygon re-rasterises to the very same pixels), then simplified with
   Douglas-Peucker at `tolerance` pixels. At the default 1 px, re-rasterised MobileSAM and true masks of
-  tests/scenes.py keep IoU 0.971..1.0 (mean 0.991) with about 100 points per 480x640 object; 0.5 px is
+  tools/harness/scenes.py keep IoU 0.971..1.0 (mean 0.991) with about 100 points per 480x640 object; 0.5 px is
   exact on these masks at about 5x the points, 2 px keeps 0.947..1.0 (mean 0.985) at a third of them;
 * holes are dropped, i.e. filled: Label Studio polygons have no holes, so a component's polygon is its outer
   border, and anything inside a hole (an island) is already covered by it. The IoU with the mask is then
-  mask area / filled area: 0.79 on tests/scenes.py's ring, 1.0 on hole-free masks. (The brush region keeps
+  mask area / filled area: 0.79 on the scenes' ring, 1.0 on hole-free masks. (The brush region keeps
   holes; use it where they matter.);
 * components smaller than `min_area` pixels (SAM's speckles) are dropped; a component whose simplified
   polygon would have fewer than 3 points keeps its unsimplified border.
 
-Rectangles (`rectangle_region`) are the tight box of all the mask's pixels, rotation 0.
-
-Which outputs a mask gets (`outline_results`; the brush RLE region is model.py's, with OUT_MASK, default on):
-
-* polygons when the labeling config has a PolygonLabels tag on the image with a label for the mask's class
-  (a label naming the brush label as a prompt label would: the same value, or the seed's numeric aliases).
-  OUT_POLY (`--with out_poly`) asks for them too, but there must be such a tag to write into: without one
-  nothing is emitted and a warning says why;
-* a rectangle only with OUT_BBOX (`--with out_bbox`) on, into a RectangleLabels tag of the image with a label
-  for the class. Such a tag is usually the smart rectangle *prompt* tool: filling it on every click would
-  give users boxes they did not draw, so a RectangleLabels tag alone is not enough. Note that with OUT_BBOX a
-  box the user accepts lands in the task's draft, where later calls read prompt rectangles from.
+The box (`bounding_box`) is the tight box of all the mask's pixels.
 """
 from __future__ import annotations
 
-import logging
-import uuid
-from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 #: Douglas-Peucker tolerance in pixels (the server takes settings.polygon_tolerance, POLYGON_TOLERANCE)
 DEFAULT_TOLERANCE = 1.0
 #: components of fewer pixels get no polygon (the server takes settings.polygon_min_area, POLYGON_MIN_AREA)
 DEFAULT_MIN_AREA = 16
-#: decimals of the percent coordinates (1e-4 % of a 10 000-pixel side is 0.01 px)
-DECIMALS = 4
 
 
-def _new_id() -> str:
-    return uuid.uuid4().hex[:10]
-
-
-def _check(mask: np.ndarray) -> np.ndarray:
+def check_mask(mask: np.ndarray) -> np.ndarray:
+    """The mask as (H, W) bool; ValueError for any other shape."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
@@ -70,7 +49,7 @@ def polygons(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
 
     Holes are filled (see the module docstring); tolerance 0 keeps the exact pixel border.
     """
-    mask = _check(mask)
+    mask = check_mask(mask)
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
     if not mask.any():
@@ -91,7 +70,7 @@ def polygons(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
         corners = corners[np.any(corners != np.roll(corners, 1, axis=0), axis=1)]
         if len(corners) < 3:
             continue
-        area = _pixel_area(corners)
+        area = pixel_area(corners)
         if area < max(min_area, 1):
             continue
         border = corners.astype(np.int32)
@@ -104,8 +83,9 @@ def polygons(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
     return [border for _, border in found]
 
 
-def _pixel_area(corners: np.ndarray) -> float:
-    """Area of an exact pixel border (shoelace): the component's pixel count, holes included."""
+def pixel_area(corners: np.ndarray) -> float:
+    """Area in pixels of a polygon, (N, 2) x, y pixel-edge coordinates (shoelace). Of an exact pixel border: the
+    component's pixel count, holes included."""
     x, y = corners[:, 0].astype(np.float64), corners[:, 1].astype(np.float64)
     return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
 
@@ -141,96 +121,10 @@ def rasterise(borders: Sequence[np.ndarray], height: int, width: int) -> np.ndar
     return out
 
 
-def _percent(value: float, size: int) -> float:
-    return round(min(max(float(value) / size * 100.0, 0.0), 100.0), DECIMALS)
-
-
-def _result(kind: str, value: dict, *, from_name: str, to_name: str, label: str, score: float,
-            width: int, height: int, region_id: str) -> dict:
-    return {
-        "id": region_id,
-        "from_name": from_name,
-        "to_name": to_name,
-        "type": kind,
-        "original_width": int(width),
-        "original_height": int(height),
-        "image_rotation": 0,
-        "readonly": False,
-        "score": round(min(max(float(score), 0.0), 1.0), 4),
-        "value": {**value, kind: [label]},
-    }
-
-
-def polygon_regions(mask: np.ndarray, *, from_name: str, to_name: str, label: str, score: float,
-                    tolerance: float = DEFAULT_TOLERANCE, min_area: int = DEFAULT_MIN_AREA,
-                    new_id: Callable[[], str] = _new_id) -> list[dict]:
-    """PolygonLabels results for `mask`, one per connected component (largest first); [] for an empty mask.
-
-    value: {"points": [[x%, y%], ...], "closed": true, "polygonlabels": [label]}; the first point is not
-    repeated at the end (Label Studio closes the polygon).
-    """
-    mask = _check(mask)
-    height, width = mask.shape
-    regions = []
-    for border in polygons(mask, tolerance, min_area):
-        points = [[_percent(x, width), _percent(y, height)] for x, y in border.tolist()]
-        regions.append(_result("polygonlabels", {"points": points, "closed": True}, from_name=from_name,
-                               to_name=to_name, label=label, score=score, width=width, height=height,
-                               region_id=new_id()))
-    return regions
-
-
 def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """x0, y0, x1, y1 in pixel-edge coordinates (x1, y1 one past the last pixel), or None for an empty mask."""
-    mask = _check(mask)
+    mask = check_mask(mask)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if not len(rows):
         return None
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
-def rectangle_region(mask: np.ndarray, *, from_name: str, to_name: str, label: str, score: float,
-                     new_id: Callable[[], str] = _new_id) -> dict | None:
-    """A RectangleLabels result around all of the mask's pixels (rotation 0); None for an empty mask."""
-    mask = _check(mask)
-    height, width = mask.shape
-    box = bounding_box(mask)
-    if box is None:
-        return None
-    x0, y0, x1, y1 = box
-    value = {"x": _percent(x0, width), "y": _percent(y0, height), "width": _percent(x1 - x0, width),
-             "height": _percent(y1 - y0, height), "rotation": 0}
-    return _result("rectanglelabels", value, from_name=from_name, to_name=to_name, label=label, score=score,
-                   width=width, height=height, region_id=new_id())
-
-
-def outline_results(mask: np.ndarray, score: float, target: tuple[str, str], image: str, config,
-                    settings) -> list[dict]:
-    """The polygon and rectangle results `config` (a label_config.ProjectConfig) and `settings` ask for.
-
-    target: (brush tag, brush label value) of the mask's class; image: the Image tag's name.
-    """
-    results = []
-    polygon_tag = config.output_tag("polygonlabels", image, tuple(target))
-    if polygon_tag is not None:
-        results += polygon_regions(mask, from_name=polygon_tag[0], to_name=image, label=polygon_tag[1],
-                                   score=score, tolerance=settings.polygon_tolerance,
-                                   min_area=settings.polygon_min_area)
-    elif settings.out_poly:
-        _warn_once("OUT_POLY is on, but the labeling config has no PolygonLabels tag on %r with a label for "
-                   "brush label %r: no polygon", image, target[1])
-    if settings.out_bbox:
-        rectangle_tag = config.output_tag("rectanglelabels", image, tuple(target))
-        if rectangle_tag is None:
-            _warn_once("OUT_BBOX is on, but the labeling config has no RectangleLabels tag on %r with a label "
-                       "for brush label %r: no rectangle", image, target[1])
-        else:
-            region = rectangle_region(mask, from_name=rectangle_tag[0], to_name=image, label=rectangle_tag[1],
-                                      score=score)
-            results += [region] if region is not None else []
-    return results
-
-
-@lru_cache(maxsize=256)
-def _warn_once(message: str, *args) -> None:
-    log.warning(message, *args)

@@ -49,7 +49,7 @@ class PromptTag:
 
 @dataclass(frozen=True)
 class OutputTag:
-    """A PolygonLabels or RectangleLabels tag a mask's outline can be written into (see outputs.py).
+    """A PolygonLabels or RectangleLabels tag a mask's outline can be written into (see results.py).
 
     labels: brush target key (brush tag, brush label value) -> this tag's label value, for each label that
     names a brush label as a prompt label would (same value, or the seed's numeric aliases).
@@ -343,7 +343,7 @@ OUTPUT_TYPES = {"polygonlabels": "polygonlabels", "rectanglelabels": "rectanglel
 def _output_tags(controls, image_tags: Mapping[str, str], brushes: list[_BrushIndex]) -> Mapping[str, OutputTag]:
     """PolygonLabels / RectangleLabels tags of an image, with their labels that match that image's brush labels.
 
-    A RectangleLabels tag is usually also a prompt tag; outputs.py writes into it only when OUT_BBOX is on.
+    A RectangleLabels tag is usually also a prompt tag; results.py writes into it only when OUT_BBOX is on.
     """
     tags = {}
     for control in controls:

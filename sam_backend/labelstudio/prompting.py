@@ -1,12 +1,9 @@
 """From Label Studio's interactive context to one SAM prompt per object class.
 
-Label Studio sends, with each smart-tool action, every region of the annotation that has the same type and
-the same label as the one just drawn. Keypoints and rectangles never come together, and with the seed's alias
-convention positive (`1`) and negative (`-1`) clicks never come together either. So the prompt for a class is
-assembled from three places:
+The prompt for a class is assembled from three places (the regions of each are parsed by `context`):
 
 1. the call itself (authoritative for its own type and label: it holds all of them);
-2. what this server saw in earlier calls for the same task and class (`PromptMemory`, bounded and expiring);
+2. what this server saw in earlier calls for the same task and class (`memory.PromptMemory`, bounded and expiring);
 3. the task's autosaved draft, which holds every region but is usually one action behind.
 
 All positive and negative keypoints of the class go into the prompt, with the newest rectangle, except older
@@ -15,240 +12,45 @@ regions that contradict the call's (`drop_finished`): those belong to an object 
 from __future__ import annotations
 
 import math
-import threading
-import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any, Collection, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from sam_backend.errors import ConfigError, ContextError
-from sam_backend.labelstudio.label_config import ProjectConfig, Target
+from sam_backend.errors import ContextError
+from sam_backend.labelstudio.context import Region, draft_regions
+from sam_backend.labelstudio.label_config import ProjectConfig
+from sam_backend.labelstudio.memory import PromptMemory
 from sam_backend.sam.types import Prompt
+from sam_backend.settings import Settings
 
 
-#: How far (in percent of the image side) a point or rectangle edge may lie beyond the image and still be taken as
-#: meaning its border; anything further out is refused. Label Studio sends percent of the image, 0 to 100.
-OUTSIDE_MARGIN = 10.0
-#: Label Studio sends, with each smart-tool action, the regions of one label; a call with far more is not the editor's
-#: and is refused before it costs an image download, an embedding and a decode per object.
-MAX_REGIONS = 4096
-MAX_OBJECTS = 16
+def assemble(call: Sequence[Region], task: Mapping[str, Any], config: ProjectConfig, memory: PromptMemory,
+             task_key: Hashable, image_size: tuple[int, int],
+             settings: Settings) -> list[tuple[tuple[str, str], Prompt]]:
+    """The prompts of one /predict call on one task: (target key, Prompt) per object class of the call, in the
+    call's order. A class with nothing to ask for yet (only negative clicks) gets none.
 
-
-@dataclass(frozen=True)
-class Region:
-    """One keypoint or rectangle, in percent of the image (Label Studio's units).
-
-    group: (from_name, label as sent) — Label Studio resends all regions of one group in each call.
+    call: the regions of params.context; task_key: what the memory files this task under; image_size: (H, W).
+    Records the call's regions in `memory` for later calls. With settings.refine_masks, a prompt that only adds
+    clicks to the one that produced the class's last mask carries that mask as `mask_input`; the caller hands
+    each new mask back with `memory.remember_mask`.
     """
-
-    id: str
-    type: str  # "keypointlabels" | "rectanglelabels"
-    group: tuple[str, str]
-    target: Target
-    positive: bool
-    x: float
-    y: float
-    width: float = 0.0
-    height: float = 0.0
-    rotation: float = 0.0
-    original_size: tuple[int, int] | None = None  # (width, height) the editor measured, when sent
-
-    @property
-    def target_key(self) -> tuple[str, str]:
-        return self.target.brush_tag, self.target.label
-
-
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ContextError(f"{where} must be a number, got {type(value).__name__}")
-    try:
-        number = float(value)
-    except OverflowError:  # a JSON integer beyond any float
-        raise ContextError(f"{where} must be finite, got an integer beyond any float") from None
-    if not math.isfinite(number):
-        raise ContextError(f"{where} must be finite, got {value}")
-    return number
-
-
-def _percent(value: float, where: str) -> float:
-    if not -OUTSIDE_MARGIN <= value <= 100 + OUTSIDE_MARGIN:
-        raise ContextError(f"{where} is {value:g}: outside the image (Label Studio sends percent of the image, 0 to "
-                           f"100; up to {OUTSIDE_MARGIN:g} beyond an edge is taken as the edge)")
-    return value
-
-
-def parse_region(raw: Any, config: ProjectConfig, where: str) -> Region:
-    """Validate one region of a context or draft; ContextError / ConfigError say what and where."""
-    if not isinstance(raw, Mapping):
-        raise ContextError(f"{where} must be an object")
-    region_type = raw.get("type")
-    from_name = raw.get("from_name")
-    value = raw.get("value")
-    if region_type not in ("keypointlabels", "rectanglelabels"):
-        raise ContextError(f"{where}.type is {region_type!r}; the smart tools send keypointlabels or "
-                           f"rectanglelabels")
-    if not isinstance(from_name, str):
-        raise ContextError(f"{where}.from_name must be a string")
-    if not isinstance(value, Mapping):
-        raise ContextError(f"{where}.value must be an object")
-    labels = value.get(region_type) or value.get("labels")
-    if not isinstance(labels, list) or not labels or not all(isinstance(v, str) for v in labels):
-        raise ContextError(f"{where}.value.{region_type} must be a non-empty list of label strings")
-    tag = config.prompt_tags.get(from_name)
-    if tag is not None and tag.type != region_type:
-        raise ContextError(f"{where}: from_name {from_name!r} is a {tag.type} tag, not {region_type}")
-    target = config.target(from_name, labels[0])
-    is_positive = raw.get("is_positive", True)
-    if not isinstance(is_positive, bool):
-        raise ContextError(f"{where}.is_positive must be true or false")
-    x = _percent(_number(value.get("x"), f"{where}.value.x"), f"{where}.value.x")
-    y = _percent(_number(value.get("y"), f"{where}.value.y"), f"{where}.value.y")
-    width = height = rotation = 0.0
-    if region_type == "rectanglelabels":
-        width = _number(value.get("width"), f"{where}.value.width")
-        height = _number(value.get("height"), f"{where}.value.height")
-        rotation = _number(value.get("rotation", 0), f"{where}.value.rotation")
-        if width <= 0 or height <= 0:
-            raise ContextError(f"{where}: a rectangle needs a positive width and height, got {width}x{height}")
-        _percent(x + width, f"{where}.value.width: the right edge, x + width,")
-        _percent(y + height, f"{where}.value.height: the bottom edge, y + height,")
-    original_size = None
-    if "original_width" in raw or "original_height" in raw:
-        size = [_number(raw.get(k), f"{where}.{k}") for k in ("original_width", "original_height")]
-        if min(size) < 1:
-            raise ContextError(f"{where}: original_width and original_height must be positive")
-        original_size = (int(size[0]), int(size[1]))
-    region_id = raw.get("id")
-    return Region(id=str(region_id) if region_id is not None else f"{where}", type=region_type,
-                  group=(from_name, labels[0]), target=target, positive=is_positive and target.positive,
-                  x=x, y=y, width=width, height=height, rotation=rotation, original_size=original_size)
-
-
-def parse_context(context: Any, config: ProjectConfig) -> list[Region]:
-    """The regions of `params.context`; an empty list means "no interactive prompt"."""
-    if context is None:
-        return []
-    if not isinstance(context, Mapping):
-        raise ContextError("params.context must be an object or null")
-    result = context.get("result", [])
-    if result is None:
-        return []
-    if not isinstance(result, list):
-        raise ContextError("params.context.result must be a list")
-    if len(result) > MAX_REGIONS:
-        raise ContextError(f"params.context.result has {len(result)} regions; at most {MAX_REGIONS} are accepted")
-    regions = [parse_region(raw, config, f"params.context.result[{i}]") for i, raw in enumerate(result)]
-    objects = dict.fromkeys(r.target_key for r in regions)
-    if len(objects) > MAX_OBJECTS:
-        raise ContextError(f"params.context.result asks for {len(objects)} objects (brush labels) at once; at most "
-                           f"{MAX_OBJECTS} are accepted (Label Studio sends one per call)")
-    return regions
-
-
-def draft_regions(task: Mapping[str, Any], config: ProjectConfig) -> list[Region]:
-    """Keypoints and rectangles of the task's newest draft that this config understands; others are skipped.
-
-    A draft holds the user's whole annotation (brush strokes, other tools): only well-formed prompt regions
-    of known labels count, since anything else there is not addressed to us.
-    """
-    drafts = task.get("drafts")
-    if not isinstance(drafts, list) or not drafts or not isinstance(drafts[-1], Mapping):
-        return []
-    result = drafts[-1].get("result")
-    regions = []
-    for i, raw in enumerate(result if isinstance(result, list) else []):
-        try:
-            regions.append(parse_region(raw, config, f"drafts[-1].result[{i}]"))
-        except (ContextError, ConfigError):
+    remembered = memory.exchange(task_key, call)
+    everything = combine(call, remembered, draft_regions(task, config))
+    call_ids = {r.id for r in call}
+    prompts = []
+    for target in dict.fromkeys(r.target_key for r in call):
+        of_target = drop_finished([r for r in everything if r.target_key == target], call_ids, image_size)
+        prompt = build_prompt(of_target, image_size, settings.max_points)
+        if prompt is None:
             continue
-    return regions
-
-
-@dataclass
-class _TaskMemory:
-    seen: float
-    groups: dict[tuple[str, str], tuple[Region, ...]] = field(default_factory=dict)
-    # target key -> (the prompt that produced the mask, its (1, 256, 256) low-resolution logits)
-    masks: dict[tuple[str, str], tuple[Prompt, np.ndarray]] = field(default_factory=dict)
-
-
-class PromptMemory:
-    """Per task: regions seen in earlier calls, by group, and the last mask of each target.
-
-    Bounded LRU with expiry: at most `max_tasks` tasks, and at most `max_tasks` remembered masks (one per task and
-    class, 256 KiB each) in all, so PROMPT_MEMORY_SIZE bounds the (task, class) entries whatever the number of
-    classes. Thread-safe.
-    """
-
-    def __init__(self, max_tasks: int = 1024, ttl: float = 3600.0) -> None:
-        self.max_tasks = max_tasks
-        self.ttl = ttl
-        self._tasks: OrderedDict[Hashable, _TaskMemory] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def exchange(self, task_key: Hashable, regions: Sequence[Region]) -> list[Region]:
-        """Record this call's groups (replacing earlier sets of the same groups); return the other groups'."""
-        calls: dict[tuple[str, str], list[Region]] = {}
-        for region in regions:
-            calls.setdefault(region.group, []).append(region)
-        with self._lock:
-            memory = self._touch(task_key)
-            remembered = [r for group, rs in memory.groups.items() if group not in calls for r in rs]
-            memory.groups.update({group: tuple(rs) for group, rs in calls.items()})
-        return remembered
-
-    def previous_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt) -> np.ndarray | None:
-        """The last mask's logits for `target` if `prompt` only adds clicks to the prompt that produced it.
-
-        That is SAM's interactive protocol: each new click refines the previous mask. Any other change (a
-        click removed or moved, another box) starts afresh.
-        """
-        with self._lock:
-            memory = self._tasks.get(task_key)
-            entry = memory.masks.get(target) if memory is not None else None
-        if entry is None:
-            return None
-        before, logits = entry
-        # SAM's prompt tokens carry no order, so "adds clicks" is set containment of (x, y, label) rows.
-        old_rows = {tuple(row) for row in np.column_stack([before.points, before.labels]).tolist()}
-        new_rows = {tuple(row) for row in np.column_stack([prompt.points, prompt.labels]).tolist()}
-        extends = old_rows < new_rows and _same_box(prompt.box, before.box)
-        return logits if extends else None
-
-    def remember_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt, logits: np.ndarray) -> None:
-        with self._lock:
-            memory = self._touch(task_key)
-            memory.masks.pop(target, None)
-            memory.masks[target] = (prompt, logits)  # newest last
-            excess = sum(len(m.masks) for m in self._tasks.values()) - self.max_tasks
-            for older in self._tasks.values():  # least recently used first; this task, just touched, comes last
-                while older.masks and excess > 0:
-                    del older.masks[next(iter(older.masks))]  # a task's oldest mask first
-                    excess -= 1
-                if excess <= 0:
-                    break
-
-    def _touch(self, task_key: Hashable) -> _TaskMemory:
-        """The task's memory, created if new, marked as just used; expires and evicts others. Lock held."""
-        now = time.monotonic()
-        while self._tasks:
-            key, oldest = next(iter(self._tasks.items()))
-            if now - oldest.seen <= self.ttl:
-                break
-            del self._tasks[key]
-        memory = self._tasks.pop(task_key, None) or _TaskMemory(seen=now)
-        memory.seen = now
-        self._tasks[task_key] = memory
-        while len(self._tasks) > self.max_tasks:
-            self._tasks.popitem(last=False)
-        return memory
-
-
-def _same_box(a: np.ndarray | None, b: np.ndarray | None) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+        if settings.refine_masks:
+            previous = memory.previous_mask(task_key, target, prompt)
+            if previous is not None:
+                prompt = replace(prompt, mask_input=previous)
+        prompts.append((target, prompt))
+    return prompts
 
 
 def combine(call: Sequence[Region], remembered: Iterable[Region], drafted: Iterable[Region]) -> list[Region]:

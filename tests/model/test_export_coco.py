@@ -1,5 +1,5 @@
-"""export_coco.py: COCO compressed RLE, and round trips from masks the backend produced (real weights, real HTTP)
-through a Label Studio export to COCO and back."""
+"""tools/export_coco.py: round trips from masks the backend produced (real weights, real HTTP) through a Label
+Studio export to COCO and back (the COCO RLE itself: tests/unit/test_coco.py)."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from hypothesis import given, settings as hypothesis_settings, strategies as st
-from hypothesis.extra.numpy import arrays
 
 from tools import export_coco
 from sam_backend.encoding import outlines
+from sam_backend.encoding.coco import rle_decode
 from sam_backend.encoding import rle
 from tools.harness.recordings import CHELSEA, recorded, with_image
 from tools.harness.scenes import iou
@@ -29,49 +28,6 @@ POLYGON_CONFIG = """<View>
     <Label value="Dog" smart="true"/></KeyPointLabels>
   <PolygonLabels name="poly" toName="image"><Label value="Cat"/></PolygonLabels>
 </View>"""
-
-
-# ---- compressed RLE --------------------------------------------------------------------------------------
-def test_known_rle_strings():
-    """Hand-worked: counts [0, 4] -> "04"; from the fourth count on, the difference to the count two before
-    is stored; a count of 32 or more spans two 5-bit groups; a negative difference sets the sign bit."""
-    assert export_coco.rle_encode(np.ones((2, 2), bool)) == {"size": [2, 2], "counts": "04"}
-    assert export_coco.rle_counts(np.array([[0, 1], [0, 1]], bool)) == [2, 2]  # column-major
-    assert export_coco.compress_counts([1, 2, 6, 5]) == "1263"  # 5 - 2 = 3
-    assert export_coco.compress_counts([40]) == "X1"  # 40 = 8 + 1 * 32: group 8 with the more flag, then 1
-    assert export_coco.compress_counts([5, 1, 2, 0]) == "512O"  # 0 - 1 = -1: 0x1F, sign bit set -> 'O'
-    assert export_coco.decompress_counts("X1") == [40] and export_coco.decompress_counts("512O") == [5, 1, 2, 0]
-
-
-@hypothesis_settings(max_examples=200, deadline=None)
-@given(arrays(np.bool_, st.tuples(st.integers(1, 30), st.integers(1, 30))))
-def test_rle_round_trip(mask):
-    encoded = export_coco.rle_encode(mask)
-    assert encoded["size"] == list(mask.shape)
-    assert np.array_equal(export_coco.rle_decode(encoded), mask)
-    assert sum(export_coco.rle_counts(mask)) == mask.size
-
-
-@hypothesis_settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(0, 10**7), max_size=12))
-def test_counts_compression_round_trip(counts):
-    assert export_coco.decompress_counts(export_coco.compress_counts(counts)) == counts
-
-
-@hypothesis_settings(max_examples=100, deadline=None)
-@given(arrays(np.bool_, st.tuples(st.integers(1, 40), st.integers(1, 40))))
-def test_same_strings_as_pycocotools(mask):
-    coco_mask = pytest.importorskip("pycocotools.mask")
-    theirs = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-    assert export_coco.rle_encode(mask)["counts"] == theirs["counts"].decode("ascii")
-    assert np.array_equal(export_coco.rle_decode(theirs), mask)
-
-
-def test_bad_rle_is_refused():
-    with pytest.raises(ValueError, match="cover"):
-        export_coco.rle_decode({"size": [2, 2], "counts": "03"})
-    with pytest.raises(ValueError, match="ends inside"):
-        export_coco.decompress_counts("X")
 
 
 # ---- round trips through the backend --------------------------------------------------------------------------
@@ -130,7 +86,7 @@ def test_brush_masks_survive_the_round_trip(backend_results, chelsea_path):
         source = _brush_mask(region)
         assert annotation["segmentation"]["size"] == [300, 451]
         assert isinstance(annotation["segmentation"]["counts"], str)
-        decoded = export_coco.rle_decode(annotation["segmentation"])
+        decoded = rle_decode(annotation["segmentation"])
         assert np.array_equal(decoded, source)
         ys, xs = np.nonzero(source)
         assert annotation["area"] == int(source.sum())
@@ -168,7 +124,7 @@ def test_polygons_come_back_close_to_the_source_mask(backend_results, chelsea_pa
                 assert points[:, 0].min() == pytest.approx(x) and points[:, 1].max() == pytest.approx(y + h)
                 assert annotation["area"] == pytest.approx(masks[-1].sum(), rel=0.02)
             else:
-                masks.append(export_coco.rle_decode(annotation["segmentation"]))
+                masks.append(rle_decode(annotation["segmentation"]))
                 assert annotation["area"] == masks[-1].sum()
         union = np.logical_or.reduce(masks)
         assert iou(union, filled) >= 0.95, mode
@@ -208,7 +164,7 @@ def test_cli_round_trip(backend_results, chelsea_path, tmp_path):
     assert "2 images, 2 categories" in done.stdout
     coco = json.loads(target.read_text())
     first = coco["annotations"][0]
-    assert np.array_equal(export_coco.rle_decode(first["segmentation"]), _brush_mask(cat[0]))
+    assert np.array_equal(rle_decode(first["segmentation"]), _brush_mask(cat[0]))
     source.write_text(json.dumps({"not": "a list"}))
     done = subprocess.run([sys.executable, "-m", "tools.export_coco", str(source), "-o", str(target)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -223,6 +179,6 @@ def test_soft_brush_edges_follow_the_alpha_threshold():
     tasks = [{"id": 1, "data": {"img": "s3://bucket/a%20b.png"}, "annotations": [{"result": [region]}]}]
     coco, _ = export_coco.convert(tasks)
     assert coco["images"][0]["file_name"] == "a b.png"
-    assert export_coco.rle_decode(coco["annotations"][0]["segmentation"]).sum() == 2
+    assert rle_decode(coco["annotations"][0]["segmentation"]).sum() == 2
     coco, _ = export_coco.convert(tasks, alpha_threshold=1)
     assert coco["annotations"][0]["area"] == 3

@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from sam_backend.labelstudio import label_config
 from sam_backend.encoding import outlines
+from sam_backend.labelstudio import results
 from sam_backend.sam.types import Prompt
 from tools.harness.recordings import CHELSEA, decoded, recorded, with_image
 from tools.harness.scenes import all_scenes, extra_scenes, interior_point, iou, scene
@@ -60,12 +61,12 @@ def sam_masks(torch_predictor):
 def test_polygons_rerasterise_to_the_mask(sam_masks):
     """Default tolerance: IoU >= 0.95 with every real mask (hole-free here, or compared filled)."""
     for name, mask in sam_masks.items():
-        regions = outlines.polygon_regions(mask, from_name="poly", to_name="image", label="Cat", score=0.9)
+        regions = results.polygon_regions(mask, from_name="poly", to_name="image", label="Cat", score=0.9)
         assert regions, name
         filled = ndimage.binary_fill_holes(mask)
         assert iou(rasterised(regions), filled) >= 0.95, name
         truth = scene(name).mask
-        assert iou(rasterised(outlines.polygon_regions(truth, from_name="p", to_name="i", label="C", score=1)),
+        assert iou(rasterised(results.polygon_regions(truth, from_name="p", to_name="i", label="C", score=1)),
                    ndimage.binary_fill_holes(truth)) >= 0.95, name
 
 
@@ -95,7 +96,7 @@ def test_coarser_tolerance_gives_fewer_points(sam_masks):
 def test_percent_coordinates_stay_within_the_image():
     mask = np.ones((30, 40), bool)
     mask[10:20, 10:30] = False  # a hole: dropped
-    (region,) = outlines.polygon_regions(mask, from_name="poly", to_name="image", label="Cat", score=0.5)
+    (region,) = results.polygon_regions(mask, from_name="poly", to_name="image", label="Cat", score=0.5)
     points = np.array(region["value"]["points"])
     assert points.min() == 0 and points.max() == 100
     assert sorted(map(tuple, points.tolist())) == [(0, 0), (0, 100), (100, 0), (100, 100)]
@@ -103,7 +104,7 @@ def test_percent_coordinates_stay_within_the_image():
 
 def test_percent_coordinates_of_real_masks_are_in_range(sam_masks):
     for mask in sam_masks.values():
-        for region in outlines.polygon_regions(mask, from_name="poly", to_name="image", label="Cat", score=0.5):
+        for region in results.polygon_regions(mask, from_name="poly", to_name="image", label="Cat", score=0.5):
             points = np.array(region["value"]["points"])
             assert len(points) >= 3 and points.min() >= 0 and points.max() <= 100
             assert region["value"]["closed"] is True
@@ -111,7 +112,7 @@ def test_percent_coordinates_of_real_masks_are_in_range(sam_masks):
 
 def test_each_component_is_its_own_region_largest_first():
     item = scene("pair-coffee-brick")
-    regions = outlines.polygon_regions(item.mask, from_name="poly", to_name="image", label="Cat", score=0.8)
+    regions = results.polygon_regions(item.mask, from_name="poly", to_name="image", label="Cat", score=0.8)
     assert len(regions) == 2 and len({r["id"] for r in regions}) == 2
     parts = [rasterised([r]) for r in regions]
     assert not (parts[0] & parts[1]).any()
@@ -120,7 +121,7 @@ def test_each_component_is_its_own_region_largest_first():
     mask[5:25, 5:25] = True  # 400 px
     mask[30:35, 30:45] = True  # 75 px
     mask[45:48, 2:5] = True  # 9 px: a speckle under the default min_area
-    regions = outlines.polygon_regions(mask, from_name="poly", to_name="image", label="Cat", score=0.8)
+    regions = results.polygon_regions(mask, from_name="poly", to_name="image", label="Cat", score=0.8)
     assert [rasterised([r]).sum() for r in regions] == [400, 75]
     assert len(outlines.polygons(mask, min_area=0)) == 3
 
@@ -128,7 +129,7 @@ def test_each_component_is_its_own_region_largest_first():
 def test_holes_are_filled_and_what_that_costs():
     """Label Studio polygons have no holes: the ring's polygon is its outer border, IoU = area / filled area."""
     ring = scene("ring-rocket-gravel").mask
-    (region,) = outlines.polygon_regions(ring, from_name="poly", to_name="image", label="Cat", score=0.8)
+    (region,) = results.polygon_regions(ring, from_name="poly", to_name="image", label="Cat", score=0.8)
     filled = ndimage.binary_fill_holes(ring)
     assert iou(rasterised([region]), filled) >= 0.99
     loss = iou(rasterised([region]), ring)
@@ -144,19 +145,19 @@ def test_holes_are_filled_and_what_that_costs():
 def test_polygon_result_fields():
     mask = np.zeros((30, 40), bool)
     mask[3:9, 4:16] = True
-    (region,) = outlines.polygon_regions(mask, from_name="poly", to_name="image", label="Cat", score=1.7)
+    (region,) = results.polygon_regions(mask, from_name="poly", to_name="image", label="Cat", score=1.7)
     assert region["type"] == "polygonlabels" and region["from_name"] == "poly" and region["to_name"] == "image"
     assert (region["original_width"], region["original_height"], region["image_rotation"]) == (40, 30, 0)
     assert isinstance(region["id"], str) and region["id"] and region["score"] == 1.0
     assert region["value"]["polygonlabels"] == ["Cat"]
     assert sorted(map(tuple, region["value"]["points"])) == [(10, 10), (10, 30), (40, 10), (40, 30)]
-    assert outlines.polygon_regions(np.zeros((5, 5), bool), from_name="p", to_name="i", label="C", score=1) == []
+    assert results.polygon_regions(np.zeros((5, 5), bool), from_name="p", to_name="i", label="C", score=1) == []
 
 
 # ---- rectangles ------------------------------------------------------------------------------------------
 def test_rectangle_is_the_masks_bounding_box(sam_masks):
     for name, mask in sam_masks.items():
-        region = outlines.rectangle_region(mask, from_name="tag3", to_name="image", label="Cat", score=0.7)
+        region = results.rectangle_region(mask, from_name="tag3", to_name="image", label="Cat", score=0.7)
         height, width = mask.shape
         ys, xs = np.nonzero(mask)
         value = region["value"]
@@ -167,9 +168,9 @@ def test_rectangle_is_the_masks_bounding_box(sam_masks):
         assert value["rotation"] == 0 and value["rectanglelabels"] == ["Cat"]
         assert region["type"] == "rectanglelabels" and region["image_rotation"] == 0
         assert (region["original_width"], region["original_height"]) == (width, height), name
-    full = outlines.rectangle_region(np.ones((7, 9), bool), from_name="r", to_name="i", label="C", score=1)["value"]
+    full = results.rectangle_region(np.ones((7, 9), bool), from_name="r", to_name="i", label="C", score=1)["value"]
     assert (full["x"], full["y"], full["width"], full["height"]) == (0, 0, 100, 100)
-    assert outlines.rectangle_region(np.zeros((7, 9), bool), from_name="r", to_name="i", label="C", score=1) is None
+    assert results.rectangle_region(np.zeros((7, 9), bool), from_name="r", to_name="i", label="C", score=1) is None
 
 
 # ---- which outputs a config and the settings ask for ----------------------------------------------------
@@ -195,14 +196,14 @@ def test_outline_results_follow_config_and_settings(caplog):
     mask[4:12, 5:20] = True
 
     def kinds(parsed, **changes):
-        results = outlines.outline_results(mask, 0.9, ("tag", "Cat"), "image", parsed, Settings(**changes))
-        return [r["type"] for r in results]
+        made = results.outline_results(mask, 0.9, ("tag", "Cat"), "image", parsed, Settings(**changes))
+        return [r["type"] for r in made]
 
     assert kinds(config()) == []  # a smart rectangle tag alone gets no boxes
     assert kinds(config(POLYGONS)) == ["polygonlabels"]
     assert kinds(config(POLYGONS), out_bbox=True) == ["polygonlabels", "rectanglelabels"]
     assert kinds(config(), out_bbox=True) == ["rectanglelabels"]
-    with caplog.at_level(logging.WARNING, logger="sam_backend.encoding.outlines"):
+    with caplog.at_level(logging.WARNING, logger="sam_backend.labelstudio.results"):
         assert kinds(config(), out_poly=True) == []
     assert "no PolygonLabels tag" in caplog.text
 

@@ -62,12 +62,12 @@ def test_images_are_distinct_and_clicks_land_near_the_object(label_studio):
 
 def test_bodies_mean_one_positive_click_and_an_opened_task(label_studio):
     from sam_backend.labelstudio import label_config
-    from sam_backend.labelstudio import prompting
+    from sam_backend.labelstudio import context, prompting
 
     image = plan.ImageSet(label_studio).get("640x480", 2)
     body = over_http.click_body(image, 12.5, 40.25, task_id=77)
     config = label_config.parse(body["label_config"])
-    (region,) = prompting.parse_context(body["params"]["context"], config)
+    (region,) = context.parse_context(body["params"]["context"], config)
     assert region.positive and (region.x, region.y) == (12.5, 40.25)
     assert region.original_size == (640, 480)
     assert body["tasks"][0]["id"] == 77 and body["tasks"][0]["data"]["image"] == image.path

@@ -315,8 +315,8 @@ BAD: list[Case] = [
     Case("rectangle smaller than a pixel", lambda: rect_body(width=1e-6), 400, "covers less than a pixel"),
     # too much
     Case("more keypoints than MAX_POINTS", lambda: many_clicks(257), 400, "257 keypoints"),
-    Case("more regions in one call than prompts.MAX_REGIONS", lambda: many_clicks(4097), 400, "4097 regions"),
-    Case("more objects in one call than prompts.MAX_OBJECTS", lambda: labelled_clicks(
+    Case("more regions in one call than context.MAX_REGIONS", lambda: many_clicks(4097), 400, "4097 regions"),
+    Case("more objects in one call than context.MAX_OBJECTS", lambda: labelled_clicks(
         [f"L{i}" for i in range(17)], next(TASK_IDS), many_labels_config(20)), 400, "17 objects"),
     Case("body over MAX_CONTENT_LENGTH", lambda: Raw(b'{"tasks": "' + b"x" * (17 << 20) + b'"}'), 413,
          "Too Large"),

@@ -24,7 +24,7 @@ import requests
 import skimage.data
 
 from conftest import LS_TOKEN, ROOT
-from tools.harness import RECORDINGS
+from tools.harness import recordings
 
 pytestmark = [pytest.mark.slow, pytest.mark.weights]
 
@@ -36,7 +36,7 @@ SLOW_CLIENTS = 40  # more than the default THREADS (32): one thread per slow cli
 STALLED = 4
 CHELSEA = skimage.data.chelsea()  # 300 x 451
 IMAGE = "/data/upload/11/chelsea.jpg"
-RECORDED = json.loads((RECORDINGS / "ls_1_23_interactive_bodies.json").read_text())
+RECORDED = recordings.document()
 
 
 def click(image: str, task_id: int, x: float = 50.0) -> dict:

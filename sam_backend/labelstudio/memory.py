@@ -1,0 +1,100 @@
+"""What this server saw of a task in earlier calls: the regions of each group, and the last mask of each class."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+
+from sam_backend.labelstudio.context import Region
+from sam_backend.lru import BoundedLRU
+from sam_backend.sam.types import Prompt
+
+
+@dataclass
+class _TaskMemory:
+    groups: dict[tuple[str, str], tuple[Region, ...]] = field(default_factory=dict)
+    # target key -> (the prompt that produced the mask, its (1, 256, 256) low-resolution logits)
+    masks: dict[tuple[str, str], tuple[Prompt, np.ndarray]] = field(default_factory=dict)
+
+
+class PromptMemory:
+    """Per task: regions seen in earlier calls, by group, and the last mask of each target.
+
+    Bounded LRU with expiry: at most `max_tasks` tasks, and at most `max_tasks` remembered masks (one per task and
+    class, 256 KiB each) in all, so PROMPT_MEMORY_SIZE bounds the (task, class) entries whatever the number of
+    classes. A task unused for `ttl` seconds is forgotten. Thread-safe.
+
+    The task table is a `BoundedLRU` whose entries are put again on every use, so its ttl counts from the last
+    use. An expired task is dropped when it is next looked up or pushed out by newer ones; until then it stays
+    first in the order, so its masks are the first the mask bound takes.
+    """
+
+    def __init__(self, max_tasks: int = 1024, ttl: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_tasks = max_tasks
+        self.ttl = ttl
+        self._tasks: BoundedLRU[Hashable, _TaskMemory] = BoundedLRU(max_tasks, ttl=ttl, clock=clock)
+        # The table locks each of its own operations; this one makes a call's read-modify-write of a task's
+        # memory, and the mask bound across tasks, atomic.
+        self._lock = threading.Lock()
+
+    def exchange(self, task_key: Hashable, regions: Sequence[Region]) -> list[Region]:
+        """Record this call's groups (replacing earlier sets of the same groups); return the other groups'."""
+        calls: dict[tuple[str, str], list[Region]] = {}
+        for region in regions:
+            calls.setdefault(region.group, []).append(region)
+        with self._lock:
+            memory = self._touch(task_key)
+            remembered = [r for group, rs in memory.groups.items() if group not in calls for r in rs]
+            memory.groups.update({group: tuple(rs) for group, rs in calls.items()})
+        return remembered
+
+    def previous_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt) -> np.ndarray | None:
+        """The last mask's logits for `target` if `prompt` only adds clicks to the prompt that produced it.
+
+        That is SAM's interactive protocol: each new click refines the previous mask. Any other change (a
+        click removed or moved, another box) starts afresh.
+        """
+        with self._lock:
+            memory = self._tasks.get(task_key)
+            entry = memory.masks.get(target) if memory is not None else None
+        if entry is None:
+            return None
+        before, logits = entry
+        # SAM's prompt tokens carry no order, so "adds clicks" is set containment of (x, y, label) rows.
+        old_rows = {tuple(row) for row in np.column_stack([before.points, before.labels]).tolist()}
+        new_rows = {tuple(row) for row in np.column_stack([prompt.points, prompt.labels]).tolist()}
+        extends = old_rows < new_rows and _same_box(prompt.box, before.box)
+        return logits if extends else None
+
+    def remember_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt, logits: np.ndarray) -> None:
+        """Keep `logits`, the mask `prompt` produced for `target`, for the next call's `previous_mask`."""
+        prompt = replace(prompt, mask_input=None)  # not needed to compare prompts, and as large as the logits
+        with self._lock:
+            memory = self._touch(task_key)
+            memory.masks.pop(target, None)
+            memory.masks[target] = (prompt, logits)  # newest last
+            tasks = list(self._tasks.values())  # least recently used first; this task, just touched, comes last
+            excess = sum(len(m.masks) for m in tasks) - self.max_tasks
+            for older in tasks:
+                while older.masks and excess > 0:
+                    del older.masks[next(iter(older.masks))]  # a task's oldest mask first
+                    excess -= 1
+                if excess <= 0:
+                    break
+
+    def _touch(self, task_key: Hashable) -> _TaskMemory:
+        """The task's memory, created if new or expired, marked as just used (which may push out the least
+        recently used task). Lock held."""
+        memory = self._tasks.get(task_key)
+        if memory is None:
+            memory = _TaskMemory()
+        self._tasks.put(task_key, memory)  # put again: last in the order, and its ttl starts afresh
+        return memory
+
+
+def _same_box(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))

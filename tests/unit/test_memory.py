@@ -1,0 +1,166 @@
+"""labelstudio.memory.PromptMemory: regions of earlier calls by group, the last mask of each class for
+refinement, and its bounds (tasks, masks across tasks, time)."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from sam_backend.labelstudio.context import Region
+from sam_backend.labelstudio.label_config import Target
+from sam_backend.labelstudio.memory import PromptMemory
+from sam_backend.sam.types import Prompt
+
+CAT = Target("tag", "Cat", positive=True)
+CAT_NEGATIVE = Target("tag", "Cat", positive=False)
+
+
+def click(region_id: str, label: str = "1", target: Target = CAT, x: float = 10.0, y: float = 20.0) -> Region:
+    return Region(id=region_id, type="keypointlabels", group=("tag2", label), target=target,
+                  positive=target.positive, x=x, y=y)
+
+
+def prompt(*clicks: tuple[float, float, int], box: tuple[float, ...] | None = None) -> Prompt:
+    return Prompt(points=np.array([c[:2] for c in clicks], np.float32).reshape(-1, 2),
+                  labels=np.array([c[2] for c in clicks], np.int32),
+                  box=None if box is None else np.array(box, np.float32))
+
+
+def logits(value: float) -> np.ndarray:
+    return np.full((1, 256, 256), value, np.float32)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_exchange_returns_the_other_groups_and_replaces_the_callers():
+    memory = PromptMemory()
+    positives = [click("a"), click("b")]
+    negative = click("n", "-1", CAT_NEGATIVE)
+    assert memory.exchange("task", positives) == []
+    assert memory.exchange("task", [negative]) == positives  # the positive group, remembered
+    # Label Studio resends a whole group each call: the new set replaces the old one (b was deleted)
+    assert memory.exchange("task", [click("a"), click("c")]) == [negative]
+    assert [r.id for r in memory.exchange("task", [negative])] == ["a", "c"]
+
+
+def test_exchange_is_per_task():
+    memory = PromptMemory()
+    memory.exchange(("project", 1, "url"), [click("a")])
+    assert memory.exchange(("project", 2, "url"), [click("n", "-1", CAT_NEGATIVE)]) == []
+    assert memory.exchange(("project", 1, "other url"), [click("n", "-1", CAT_NEGATIVE)]) == []
+
+
+def test_previous_mask_only_when_the_prompt_adds_clicks():
+    memory = PromptMemory()
+    target = ("tag", "Cat")
+    first = prompt((10, 20, 1))
+    memory.remember_mask("task", target, first, logits(1))
+    assert memory.previous_mask("task", target, first) is None  # the same prompt again: nothing added
+    added = prompt((10, 20, 1), (30, 40, 0))
+    assert np.array_equal(memory.previous_mask("task", target, added), logits(1))
+    assert np.array_equal(memory.previous_mask("task", target, prompt((30, 40, 0), (10, 20, 1))), logits(1))
+    assert memory.previous_mask("task", target, prompt((11, 20, 1), (30, 40, 0))) is None  # a click moved
+    assert memory.previous_mask("task", target, prompt((10, 20, 0), (30, 40, 0))) is None  # its label changed
+    assert memory.previous_mask("task", target, prompt((10, 20, 1), (30, 40, 0), box=(0, 0, 5, 5))) is None
+    assert memory.previous_mask("task", ("tag", "Dog"), added) is None
+    assert memory.previous_mask("other task", target, added) is None
+
+
+def test_previous_mask_keeps_the_box():
+    memory = PromptMemory()
+    boxed = prompt(box=(1, 2, 30, 40))
+    memory.remember_mask("task", ("tag", "Cat"), boxed, logits(2))
+    assert np.array_equal(memory.previous_mask("task", ("tag", "Cat"), prompt((5, 6, 1), box=(1, 2, 30, 40))),
+                          logits(2))
+    assert memory.previous_mask("task", ("tag", "Cat"), prompt((5, 6, 1), box=(1, 2, 30, 41))) is None
+    assert memory.previous_mask("task", ("tag", "Cat"), prompt((5, 6, 1))) is None  # the box is gone
+
+
+def test_the_newest_mask_of_a_class_replaces_the_older():
+    memory = PromptMemory()
+    memory.remember_mask("task", ("tag", "Cat"), prompt((1, 1, 1)), logits(1))
+    memory.remember_mask("task", ("tag", "Cat"), prompt((1, 1, 1), (2, 2, 1)), logits(2))
+    assert memory.previous_mask("task", ("tag", "Cat"), prompt((1, 1, 1), (2, 2, 1), (3, 3, 0)))[0, 0, 0] == 2
+    assert memory.previous_mask("task", ("tag", "Cat"), prompt((1, 1, 1), (3, 3, 0))) is None
+
+
+def test_at_most_max_tasks_tasks_least_recently_used_out():
+    memory = PromptMemory(max_tasks=2)
+    for task in ("t1", "t2"):
+        memory.exchange(task, [click(task)])
+    memory.exchange("t1", [click("n", "-1", CAT_NEGATIVE)])  # t1 used again: t2 is now the oldest
+    memory.exchange("t3", [click("t3")])
+    assert [r.id for r in memory.exchange("t1", [])] == ["t1", "n"]
+    assert memory.exchange("t2", [click("n", "-1", CAT_NEGATIVE)]) == []  # forgotten
+
+
+def test_masks_across_tasks_are_bounded_by_max_tasks_oldest_first():
+    memory = PromptMemory(max_tasks=2)
+    target_prompt = prompt((1, 1, 1))
+    more = prompt((1, 1, 1), (2, 2, 1))
+    memory.remember_mask("t1", ("tag", "Cat"), target_prompt, logits(1))
+    memory.remember_mask("t2", ("tag", "Cat"), target_prompt, logits(2))
+    memory.remember_mask("t2", ("tag", "Dog"), target_prompt, logits(3))  # a third mask: t1's goes
+    assert memory.previous_mask("t1", ("tag", "Cat"), more) is None
+    assert memory.previous_mask("t2", ("tag", "Cat"), more) is not None
+    memory.remember_mask("t2", ("tag", "Bird"), target_prompt, logits(4))  # in one task: its oldest goes
+    assert memory.previous_mask("t2", ("tag", "Cat"), more) is None
+    assert memory.previous_mask("t2", ("tag", "Dog"), more)[0, 0, 0] == 3
+    assert memory.previous_mask("t2", ("tag", "Bird"), more)[0, 0, 0] == 4
+
+
+def test_the_mask_bound_is_exact_under_any_sequence():
+    rng = random.Random(7)
+    memory = PromptMemory(max_tasks=5)
+    for step in range(400):
+        task, label = f"t{rng.randrange(9)}", f"L{rng.randrange(4)}"
+        if rng.random() < 0.3:
+            memory.exchange(task, [click(f"r{step}", label)])
+        else:
+            memory.remember_mask(task, ("tag", label), prompt((step, 1, 1)), logits(step))
+        held = sum(len(m.masks) for m in memory._tasks.values())
+        assert held <= 5 and len(memory._tasks) <= 5
+    assert held == 5  # the bound is reached, not undershot
+
+
+def test_a_task_unused_for_ttl_seconds_is_forgotten():
+    clock = Clock()
+    memory = PromptMemory(max_tasks=8, ttl=60, clock=clock)
+    memory.exchange("task", [click("a")])
+    memory.remember_mask("task", ("tag", "Cat"), prompt((1, 1, 1)), logits(1))
+    clock.now += 50
+    assert [r.id for r in memory.exchange("task", [click("n", "-1", CAT_NEGATIVE)])] == ["a"]
+    clock.now += 50  # 100 s after the first call, 50 s after the last use: still there
+    assert [r.id for r in memory.exchange("task", [click("n", "-1", CAT_NEGATIVE)])] == ["a"]
+    clock.now += 61
+    assert memory.exchange("task", [click("n", "-1", CAT_NEGATIVE)]) == []
+    assert memory.previous_mask("task", ("tag", "Cat"), prompt((1, 1, 1), (2, 2, 1))) is None
+
+
+def test_an_expired_tasks_masks_go_first():
+    clock = Clock()
+    memory = PromptMemory(max_tasks=2, ttl=60, clock=clock)
+    memory.remember_mask("old", ("tag", "Cat"), prompt((1, 1, 1)), logits(1))
+    clock.now += 100
+    memory.remember_mask("new", ("tag", "Cat"), prompt((1, 1, 1)), logits(2))
+    memory.remember_mask("new", ("tag", "Dog"), prompt((1, 1, 1)), logits(3))
+    more = prompt((1, 1, 1), (2, 2, 1))
+    assert memory.previous_mask("new", ("tag", "Cat"), more)[0, 0, 0] == 2
+    assert memory.previous_mask("new", ("tag", "Dog"), more)[0, 0, 0] == 3
+    assert sum(len(m.masks) for m in memory._tasks.values()) == 2
+
+
+def test_a_remembered_prompt_keeps_no_input_mask():
+    """The input mask is as large as the logits and plays no part in comparing prompts: not kept."""
+    memory = PromptMemory()
+    refined = Prompt(points=np.array([[1, 1]], np.float32), labels=np.array([1], np.int32), mask_input=logits(9))
+    memory.remember_mask("task", ("tag", "Cat"), refined, logits(1))
+    ((kept, _),) = [entry for m in memory._tasks.values() for entry in m.masks.values()]
+    assert kept.mask_input is None and np.array_equal(kept.points, refined.points)
+    assert memory.previous_mask("task", ("tag", "Cat"), prompt((1, 1, 1), (2, 2, 0)))[0, 0, 0] == 1

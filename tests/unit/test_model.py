@@ -1,0 +1,350 @@
+"""model.SamModel end to end without weights or sockets: the recorded Label Studio bodies go in, a
+FakePredictor (tools/harness/fake_predictor.py) answers, and the results must carry its masks.
+
+What is checked here is the Label Studio layer's own work: which prompt each call means (clicks and boxes of
+both label conventions, the draft, the memory of earlier calls, refinement), which results come back, and
+which field a 4xx names."""
+from __future__ import annotations
+
+import copy
+import io
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model import SamModel
+from sam_backend.encoding import rle
+from sam_backend.errors import ClientError, ConfigError, ContextError, ImageError, RequestError
+from sam_backend.images import LabelStudioAccess
+from sam_backend.settings import Settings
+from tools.harness import recordings
+from tools.harness.fake_predictor import FakePredictor
+
+ROOT = Path(__file__).resolve().parents[2]
+CALLS = recordings.document()["calls"]
+H, W = 300, 451  # the recorded image's size (skimage's chelsea)
+
+
+def recorded(name: str, path: str = "/predict") -> dict:
+    return copy.deepcopy(next(c["body"] for c in CALLS if c["name"] == name and c["path"] == path))
+
+
+def png(height: int = H, width: int = W, shade: int = 0) -> bytes:
+    """A PNG of that size; another shade is another image (another embedding)."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    image = np.stack([rows % 256, cols % 256, np.full_like(rows, shade % 256)], axis=2).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class StubImages:
+    """Stands in for images.ImageLoader: serves fixed bytes by URL and records each fetch."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.fetches: list[tuple[str, LabelStudioAccess | None, int | None]] = []
+
+    def fetch(self, url: str, fallback: LabelStudioAccess | None = None, task_id: int | None = None) -> bytes:
+        self.fetches.append((url, fallback, task_id))
+        if url not in self.files:
+            raise ImageError(404, f"{url}: not found")
+        return self.files[url]
+
+
+RECORDED_URLS = sorted({task["data"]["image"] for call in CALLS if call["path"] == "/predict"
+                        for task in call["body"]["tasks"]})
+
+
+@pytest.fixture
+def make():
+    """make(**settings) -> (model, predictor, images); the model's background pool is closed afterwards."""
+    made = []
+
+    def factory(**changes):
+        predictor = FakePredictor()
+        images = StubImages({url: png(shade=i) for i, url in enumerate(RECORDED_URLS)})
+        model = SamModel(predictor, replace(Settings(), **changes), images=images)
+        made.append(model)
+        return model, predictor, images
+
+    yield factory
+    for model in made:
+        model.cache.close()
+
+
+def only_result(answer: dict) -> list[dict]:
+    (task,) = answer["results"]
+    return task["result"]
+
+
+def brush_mask(region: dict) -> np.ndarray:
+    return rle.decode(region["value"]["rle"], region["original_height"], region["original_width"]) > 0
+
+
+def points(*percent: tuple[float, float]) -> np.ndarray:
+    return np.array([[x * W / 100, y * H / 100] for x, y in percent], np.float32)
+
+
+# ---- one call -------------------------------------------------------------------------------------------------
+def test_recorded_clicks_give_the_predictors_mask_as_a_brush_result(make):
+    model, predictor, images = make()
+    answer = model.predict(recorded("keypoints_positive_and_negative"))
+    (prompt,) = predictor.prompts
+    assert np.allclose(prompt.points, points((40, 45), (90, 10))) and prompt.labels.tolist() == [1, 0]
+    assert prompt.box is None and prompt.mask_input is None
+    (region,) = only_result(answer)
+    assert region["type"] == "brushlabels" and region["from_name"] == "tag" and region["to_name"] == "image"
+    assert region["value"]["brushlabels"] == ["Cat"]
+    assert (region["original_width"], region["original_height"]) == (W, H)
+    expected = predictor.mask(prompt, (H, W))
+    assert expected.any() and np.array_equal(brush_mask(region), expected)
+    assert region["score"] == 0.875
+    assert answer["results"][0]["score"] == 0.875 and answer["results"][0]["model_version"] == "FakeSAM-test"
+    assert images.fetches == [("/data/upload/2/40f73fbf-chelsea.jpg", None, 2)]
+    assert predictor.images == [(H, W)]
+
+
+def test_recorded_rectangle_gives_a_box_prompt(make):
+    model, predictor, _ = make()
+    (region,) = only_result(model.predict(recorded("rectangle")))
+    (prompt,) = predictor.prompts
+    assert np.allclose(prompt.box, [0.10 * W, 0.05 * H, 0.70 * W, 0.95 * H]) and len(prompt.points) == 0
+    assert np.array_equal(brush_mask(region), predictor.mask(prompt, (H, W)))
+
+
+def test_the_drafts_rectangle_joins_the_calls_clicks(make):
+    model, predictor, _ = make()
+    model.predict(recorded("keypoint_with_rectangle_in_draft"))
+    (prompt,) = predictor.prompts
+    assert np.allclose(prompt.box, [0.10 * W, 0.05 * H, 0.70 * W, 0.95 * H])
+    assert np.allclose(prompt.points, points((40, 45), (50, 40))) and prompt.labels.tolist() == [1, 1]
+
+
+def test_the_newest_rectangle_of_a_class_counts(make):
+    model, predictor, _ = make()
+    body = recorded("rectangle")
+    first = body["params"]["context"]["result"][0]
+    newer = dict(first, id="newer", value={**first["value"], "x": 50, "y": 50, "width": 20, "height": 20})
+    body["params"]["context"]["result"].append(newer)
+    model.predict(body)
+    assert np.allclose(predictor.prompts[0].box, [0.5 * W, 0.5 * H, 0.7 * W, 0.7 * H])
+
+
+def test_alias_labels_name_the_brush_label_and_the_sign(make):
+    model, predictor, _ = make()
+    (region,) = only_result(model.predict(recorded("alias_positive_keypoint")))
+    assert region["from_name"] == "brush" and region["value"]["brushlabels"] == ["1"]
+    assert predictor.prompts[0].labels.tolist() == [1]
+
+
+def test_a_negative_click_alone_decodes_nothing(make):
+    model, predictor, _ = make()
+    answer = model.predict(recorded("alias_negative_keypoint_alone"))
+    assert answer["results"] == [{"result": [], "score": 0.0, "model_version": "FakeSAM-test"}]
+    assert predictor.prompts == []
+
+
+def test_an_empty_mask_gives_no_region(make):
+    model, predictor, _ = make()
+    body = recorded("keypoints_positive_and_negative")
+    body["params"]["context"]["result"][1]["value"].update(x=40, y=45)  # the negative click erases the disk
+    assert only_result(model.predict(body)) == []
+    assert len(predictor.prompts) == 1
+
+
+# ---- across calls -------------------------------------------------------------------------------------------
+def test_clicks_are_remembered_across_calls_and_refine_the_previous_mask(make):
+    """With the alias convention a positive and a negative click never come in one call: the memory joins
+    them, and the second prompt carries the first one's mask (it only adds a click)."""
+    model, predictor, images = make()
+    model.predict(recorded("alias_positive_keypoint"))
+    (region,) = only_result(model.predict(recorded("alias_negative_keypoint_alone")))
+    first, second = predictor.prompts
+    assert np.allclose(second.points, points((40, 45), (90, 10))) and second.labels.tolist() == [1, 0]
+    assert second.mask_input is not None and np.all(second.mask_input == 1)  # decode 1's logits
+    assert np.array_equal(brush_mask(region), predictor.mask(second, (H, W)))
+    # a rectangle changes the prompt's box: no refinement, but the clicks stay
+    model.predict(recorded("alias_rectangle"))
+    third = predictor.prompts[2]
+    assert third.labels.tolist() == [1, 0] and third.box is not None and third.mask_input is None
+    assert len(images.fetches) == 1 and predictor.images == [(H, W)]  # one download, one embedding
+
+
+def test_the_same_prompt_again_is_not_refined(make):
+    model, predictor, _ = make()
+    for _ in range(2):
+        model.predict(recorded("keypoints_positive_and_negative"))
+    assert [p.mask_input is None for p in predictor.prompts] == [True, True]
+
+
+def test_refinement_can_be_switched_off(make):
+    model, predictor, _ = make(refine_masks=False)
+    model.predict(recorded("alias_positive_keypoint"))
+    model.predict(recorded("alias_negative_keypoint_alone"))
+    assert predictor.prompts[1].labels.tolist() == [1, 0] and predictor.prompts[1].mask_input is None
+
+
+def test_the_memory_is_kept_per_task(make):
+    model, predictor, _ = make()
+    model.predict(recorded("alias_positive_keypoint"))
+    other = recorded("alias_negative_keypoint_alone")
+    other["tasks"][0]["id"] = 99
+    assert only_result(model.predict(other)) == [] and len(predictor.prompts) == 1
+
+
+# ---- outputs --------------------------------------------------------------------------------------------
+POLYGONS = '<PolygonLabels name="poly" toName="image"><Label value="Cat"/></PolygonLabels></View>'
+
+
+def test_a_polygon_tag_adds_polygon_results_and_out_bbox_a_rectangle(make):
+    model, predictor, _ = make(out_bbox=True)
+    body = recorded("keypoints_positive_and_negative")
+    body["label_config"] = body["label_config"].replace("</View>", POLYGONS)
+    regions = only_result(model.predict(body))
+    assert [(r["type"], r["from_name"]) for r in regions] == [("brushlabels", "tag"), ("polygonlabels", "poly"),
+                                                              ("rectanglelabels", "tag3")]
+    assert all(r["to_name"] == "image" and r["score"] == 0.875 for r in regions)
+    assert len({r["id"] for r in regions}) == 3
+    ys, xs = np.nonzero(predictor.mask(predictor.prompts[0], (H, W)))
+    box = regions[2]["value"]
+    assert box["x"] == pytest.approx(xs.min() / W * 100, abs=1e-4)
+    assert box["width"] == pytest.approx((xs.max() + 1 - xs.min()) / W * 100, abs=1e-4)
+
+
+def test_out_mask_off_leaves_the_brush_region_out(make):
+    model, _, _ = make(out_mask=False)
+    body = recorded("keypoints_positive_and_negative")
+    body["label_config"] = body["label_config"].replace("</View>", POLYGONS)
+    assert [r["type"] for r in only_result(model.predict(body))] == ["polygonlabels"]
+
+
+# ---- opening a task, /setup ---------------------------------------------------------------------------------
+def wait_for(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_opened_tasks_are_embedded_in_the_background_and_the_click_is_warm(make):
+    model, predictor, images = make()
+    answer = model.predict(recorded("retrieve_predictions"))
+    assert answer["results"] == [{"result": [], "score": 0.0, "model_version": "FakeSAM-test"}] * 2
+    wait_for(lambda: len(model.cache) == 2)  # stored, not only computed
+    click = recorded("keypoints_positive_and_negative")
+    click["tasks"][0]["data"]["image"] = recorded("retrieve_predictions")["tasks"][1]["data"]["image"]
+    fetched = len(images.fetches)
+    assert only_result(model.predict(click))
+    assert len(images.fetches) == fetched and len(predictor.images) == 2  # nothing downloaded or embedded
+
+
+def test_setup_remembers_the_projects_label_studio_for_image_downloads(make):
+    model, _, images = make()
+    setup = recorded("add_model", "/setup")
+    assert model.setup(setup) == {"model_version": "FakeSAM-test"}
+    body = recorded("keypoints_positive_and_negative")
+    body["project"] = setup["project"]
+    model.predict(body)
+    ((_, fallback, _),) = images.fetches
+    assert fallback == LabelStudioAccess(url=setup["hostname"], token=setup["access_token"])
+    other = recorded("keypoints_positive_and_negative")
+    other["project"] = "another"
+    model.predict(other)
+    assert images.fetches[1][1] is None
+
+
+def test_setup_refuses_a_config_it_cannot_serve(make):
+    model, predictor, _ = make()
+    with pytest.raises(ConfigError) as caught:
+        model.setup({"schema": "<View><Image name='image' value='$image'/></View>"})
+    assert caught.value.status == 422 and "BrushLabels" in caught.value.message
+    with pytest.raises(RequestError, match="body must be a JSON object"):
+        model.setup([])
+    assert model.setup({}) == {"model_version": "FakeSAM-test"} and predictor.images == []
+
+
+def test_health_and_metrics_facts(make):
+    model, _, _ = make()
+    model.predict(recorded("keypoints_positive_and_negative"))
+    assert model.model_class == "FakePredictor" and model.model_version == "FakeSAM-test"
+    assert model.stats()["embedding_cache"] == {"items": 1, "bytes": 1 << 21, "hits": 0, "misses": 1}
+
+
+# ---- 4xx naming the field -------------------------------------------------------------------------------------
+def edited(edit) -> dict:
+    body = recorded("keypoints_positive_and_negative")
+    edit(body)
+    return body
+
+
+def set_region(key, value):
+    return lambda body: body["params"]["context"]["result"][0]["value"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("body, error, status, words", [
+    ([], RequestError, 400, "body must be a JSON object"),
+    (edited(lambda b: b.pop("tasks")), RequestError, 400, "body.tasks must be a non-empty list"),
+    (edited(lambda b: b.__setitem__("tasks", [])), RequestError, 400, "body.tasks must be a non-empty list"),
+    (edited(lambda b: b.__setitem__("label_config", " ")), RequestError, 400, "body.label_config must be"),
+    (edited(lambda b: b.__setitem__("params", [])), RequestError, 400, "body.params must be an object or null"),
+    (edited(lambda b: b.__setitem__("project", [2])), RequestError, 400, "body.project must be the project's id"),
+    (edited(lambda b: b.__setitem__("tasks", [b["tasks"][0], "x"])), RequestError, 400,
+     "body.tasks[1] must be a JSON object"),
+    (edited(lambda b: b["tasks"][0].__setitem__("id", True)), RequestError, 400, "body.tasks[0].id must be"),
+    (edited(lambda b: b["tasks"][0]["data"].pop("image")), RequestError, 400,
+     "body.tasks[0].data.image must be the URL of the task's image"),
+    (edited(lambda b: b["params"].__setitem__("context", [])), ContextError, 400,
+     "params.context must be an object or null"),
+    (edited(set_region("x", "40")), ContextError, 400, "params.context.result[0].value.x must be a number"),
+    (edited(set_region("keypointlabels", ["Bird"])), ConfigError, 422, "label 'Bird' of 'tag2'"),
+    (edited(lambda b: b.__setitem__("label_config", "<View>")), ConfigError, 422, "labeling config does not parse"),
+])
+def test_malformed_bodies_are_refused_naming_the_field(make, body, error, status, words):
+    model, predictor, images = make()
+    with pytest.raises(error) as caught:
+        model.predict(body)
+    assert caught.value.status == status and words in caught.value.message
+    assert images.fetches == [] and predictor.prompts == []  # refused before any work
+
+
+def test_a_context_drawn_on_another_image_is_refused(make):
+    model, predictor, images = make()
+    body = recorded("keypoints_positive_and_negative")
+    url = "http://images.example/cat.png?token=secret"
+    body["tasks"][0]["data"]["image"] = url
+    images.files[url] = png(200, 200)
+    with pytest.raises(ContextError) as caught:
+        model.predict(body)
+    assert caught.value.status == 400
+    assert caught.value.message == ("region 05b3000e92 was drawn on a 451x300 image, but the task's image "
+                                    "http://images.example/cat.png?token=*** is 200x200")
+    assert predictor.prompts == []
+
+
+def test_image_errors_name_the_tasks_field(make):
+    model, _, images = make()
+    body = recorded("keypoints_positive_and_negative")
+    images.files[body["tasks"][0]["data"]["image"]] = b"not an image"
+    with pytest.raises(ImageError) as caught:
+        model.predict(body)
+    assert caught.value.status == 415
+    assert caught.value.message.startswith("body.tasks[0].data.image (/data/upload/2/40f73fbf-chelsea.jpg): ")
+    missing = recorded("keypoints_positive_and_negative")
+    missing["tasks"][0]["data"]["image"] = "/data/upload/nowhere.jpg"
+    with pytest.raises(ClientError) as caught:
+        model.predict(missing)
+    assert caught.value.status == 404
+
+
+def test_model_imports_no_torch_onnxruntime_flask_or_predictor():
+    code = ("import sys, model; bad = [m for m in ('torch', 'onnxruntime', 'flask', 'advanced_sam', 'onnx_sam')"
+            " if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
