@@ -74,6 +74,7 @@ class Settings:
     basic_auth_pass: str = field(default="", repr=False)  # BASIC_AUTH_PASS
     max_content_length: int = 16 << 20  # MAX_CONTENT_LENGTH bytes of a request body
     max_points: int = 256  # MAX_POINTS per prompt
+    max_tasks_per_call: int = 10_000  # MAX_TASKS_PER_CALL: tasks in one /predict without context (more: 413)
     #: ALLOWED_HOSTS: comma list of the names this server answers to in the Host header ("ml.example.com",
     #: ".example.com" for a domain and its subdomains, "*" for any). IP addresses, single-label names (Docker
     #: service names) and localhost / .local / .internal names are always answered.
@@ -143,6 +144,7 @@ ENVIRONMENT = {
     "BASIC_AUTH_PASS": "basic_auth_pass",
     "MAX_CONTENT_LENGTH": "max_content_length",
     "MAX_POINTS": "max_points",
+    "MAX_TASKS_PER_CALL": "max_tasks_per_call",
     "ALLOWED_HOSTS": "allowed_server_hosts",
     "MAX_LABEL_CONFIG_BYTES": "max_label_config_bytes",
     "MAX_LABELS": "max_labels",
@@ -204,6 +206,8 @@ def validate(settings: Settings) -> None:
         raise ValueError(f"SAM_MODEL_TYPE={settings.sam_model_type!r}: use vit_b, vit_l or vit_h")
     if settings.embedding_cache_size < 1:
         raise ValueError("EMBEDDING_CACHE_SIZE must be at least 1")
+    if settings.max_tasks_per_call < 1:
+        raise ValueError("MAX_TASKS_PER_CALL must be at least 1")
     if settings.max_concurrent_embeddings < 1:
         raise ValueError("MAX_CONCURRENT_EMBEDDINGS must be at least 1")
     if settings.max_label_config_bytes < 1:

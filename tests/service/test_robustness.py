@@ -625,6 +625,35 @@ def test_a_lone_surrogate_in_an_image_url_is_a_400(live_backend, image):
     assert_healthy(live_backend.url)
 
 
+def test_an_interactive_call_is_for_one_task(live_backend):
+    """Label Studio's smart tools send the task being annotated; a context over 100 tasks decoded all of them."""
+    body = body_for("keypoints_positive_and_negative")
+    body["tasks"] = [copy.deepcopy(body["tasks"][0]) for _ in range(100)]
+    started = time.monotonic()
+    answer = send(live_backend.url, body)
+    assert_json_error(answer, 400, "100 tasks")
+    assert "interactive" in answer.json()["error"] and time.monotonic() - started < 10
+    assert_healthy(live_backend.url)
+
+
+def test_a_batch_has_at_most_max_tasks_per_call(live_backend, base_settings, torch_predictor):
+    """2 MB of empty tasks gave 698,850 results in a 41 MB answer; now a 413 naming the setting, before any work."""
+    body = body_for("retrieve_predictions")
+    body["tasks"] = [{}] * 699_000
+    answer = send(live_backend.url, Raw(json.dumps(body).encode()))
+    assert_json_error(answer, 413, "MAX_TASKS_PER_CALL=10000")
+    assert len(answer.content) < 1000
+    small = make_live_backend(base_settings, torch_predictor, max_tasks_per_call=3)
+    try:
+        body["tasks"] = [copy.deepcopy(body_for("retrieve_predictions")["tasks"][0]) for _ in range(3)]
+        assert send(small.url, body).status_code == 200
+        body["tasks"].append(body["tasks"][0])
+        assert_json_error(send(small.url, body), 413, "4 tasks, more than MAX_TASKS_PER_CALL=3")
+        assert_healthy(small.url)
+    finally:
+        small.close()
+
+
 # ---- HTTP Basic auth ----------------------------------------------------------------------------------------------
 USER, PASSWORD = "labeler", "s3cret-pässwörd:with:colons"
 
