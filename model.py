@@ -91,16 +91,16 @@ class SamModel:
         if not isinstance(params, Mapping):
             raise RequestError("body.params must be an object or null")
         regions = context.parse_context(params.get("context"), config)
-        if regions and len(tasks) > 1:
-            # Label Studio's smart tools send the one task being annotated; a context applied to many tasks
-            # would decode every one of them (100 tasks: 12.7 s of CPU) for an answer of which it reads results[0].
-            raise RequestError(f"body.tasks has {len(tasks)} tasks, but an interactive call (params.context) is "
-                               f"for the one task being annotated")
         project = body.get("project")
         if isinstance(project, bool) or not isinstance(project, (str, int, type(None))):
             raise RequestError("body.project must be the project's id (a string or integer) or null")
         fallback = self._projects.get(project) if isinstance(project, str) else None
         tasks = [_task(task, index) for index, task in enumerate(tasks)]  # all checked before any work
+        if regions and len(tasks) > 1:
+            # Label Studio's smart tools send the one task being annotated; a context applied to many tasks
+            # would decode every one of them (100 tasks: 12.7 s of CPU) for an answer of which it reads results[0].
+            raise RequestError(f"body.tasks has {len(tasks)} tasks, but an interactive call (params.context) is "
+                               f"for the one task being annotated")
         answers = []
         for index, task in enumerate(tasks):
             if regions:
