@@ -82,7 +82,7 @@ def create_app(model: Backend, settings: Settings) -> Flask:
             # DNS rebinding: a page of another site, its name re-pointed at this server, would otherwise be
             # served as if it were on the same origin.
             return _error(400, f"Host {host!r} is not a name of this server; add it to ALLOWED_HOSTS")
-        if request.method == "POST" and not _is_json(request.mimetype):
+        if request.method == "POST" and request.routing_exception is None and not _is_json(request.mimetype):
             # Cross-site pages may POST text/plain or form bodies without a CORS preflight; a JSON type needs one.
             return _error(415, f"send the body as JSON with Content-Type: application/json (got "
                                f"{request.mimetype or 'no Content-Type'!r})")
