@@ -29,7 +29,15 @@ TracerWarnings on TinyViT's shape asserts are harmless only because every image 
 decoder's output shapes unnamed and dynamic; it is kept as a fallback. Opset 18 by default (17 at least).
 
 Quantization (`--quantize [encoder|decoder|both]`; bare: what `--parts` exports):
-`onnxruntime.quantization.quantize_dynamic` with int8 weights, per output channel, of MatMul/Gemm only.
+`onnxruntime.quantization.quantize_dynamic` with 8-bit weights, per output channel, of MatMul/Gemm only.
+The weights are unsigned (QUInt8, so activations x weights run on ONNX Runtime's U8U8 kernels): with signed
+weights (U8S8) CPUs without AVX-512 VNNI (e.g. an AMD EPYC with AVX2 only) multiply with VPMADDUBSW, whose 16-bit
+sums saturate, so the same file gives other numbers there than on a VNNI CPU. Measured (chelsea 640x480, one
+click, int8 vs fp32 mask IoU): U8S8 0.998 on a VNNI Xeon/EPYC but 0.032 on AVX2 (emulated with `qemu-x86_64 -cpu
+Haswell`, which reproduced CI's failure exactly); U8U8 0.998 and 0.997; U8S8 with reduce_range (7-bit weights,
+ONNX Runtime's other remedy) 0.995 on both, but it costs accuracy everywhere (GrabCut20 mIoU@1 0.768 vs fp32
+0.809; U8U8 0.798, NoC@90 1.50 = fp32's). U8U8's encoder costs about the same CPU time as U8S8 on VNNI
+(1.22-1.45 s vs 1.29-1.32 s at 1920x1080 on 2 threads, fp32 1.50-1.71 s).
 Measured on MobileSAM: quantizing the encoder's convolutions too (the default op list) destroys its masks (IoU
 vs fp32 down to 0.23), per-tensor MatMul weights cost several points of IoU, and the two MatMuls that project
 point coordinates onto the random Fourier features of the positional encoding (K = 2) must stay float: a tiny
@@ -212,8 +220,8 @@ def quantize(source: Path, target: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         partial = Path(tmp) / target.name
         quantize_dynamic(model, partial, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=keep_float, use_external_data_format=large)
-        _stamp(partial, {**metadata, META_QUANTIZATION: "int8-dynamic"})
+                         weight_type=QuantType.QUInt8, nodes_to_exclude=keep_float, use_external_data_format=large)
+        _stamp(partial, {**metadata, META_QUANTIZATION: "uint8-dynamic"})
         _move_into_place(Path(tmp), target)
     return target
 

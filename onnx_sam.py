@@ -53,7 +53,7 @@ DECODER_OUTPUTS = {"low_res_masks": (1, 4, transforms.LOW_RES, transforms.LOW_RE
 META_MODEL_TYPE = "sam_model_type"  # vit_t, vit_b, vit_l, vit_h
 META_WEIGHTS = "sam_weights"  # sha256 prefix of the checkpoint, or "random-<seed>"
 META_PART = "sam_part"  # encoder or decoder
-META_QUANTIZATION = "sam_quantization"  # absent for float32, "int8-dynamic"
+META_QUANTIZATION = "sam_quantization"  # absent for float32, "uint8-dynamic" (8-bit weights, U8U8)
 
 
 
