@@ -31,6 +31,42 @@ TEMPLATE_FILES = (DB_NAME, ".env")
 
 #: Seconds allowed for a first start (database migrations take about a minute on two shared cores).
 LS_START_TIMEOUT = float(os.environ.get("LS_START_TIMEOUT", "300"))
+
+#: The projects of the end-to-end tests: native labels, as in Label Studio's own SAM example ...
+NATIVE_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="Cat" background="#FF0000"/>
+    <Label value="Dog" background="#0d14d3"/>
+  </BrushLabels>
+  <KeyPointLabels name="tag2" toName="image" smart="true">
+    <Label value="Cat" smart="true" background="#000000" showInline="true"/>
+    <Label value="Dog" smart="true" background="#000000" showInline="true"/>
+  </KeyPointLabels>
+  <RectangleLabels name="tag3" toName="image" smart="true">
+    <Label value="Cat" smart="true" background="#000000" showInline="true"/>
+    <Label value="Dog" smart="true" background="#000000" showInline="true"/>
+  </RectangleLabels>
+</View>"""
+
+#: ... and the seed's alias convention: keypoint alias N / -N, rectangle alias N, brush label N (alias N_brush).
+ALIAS_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <BrushLabels name="brush" toName="image">
+    <Label value="1" hint="brush" background="blue" alias="1_brush"/>
+    <Label value="2" hint="brush" background="purple" alias="2_brush"/>
+  </BrushLabels>
+  <KeypointLabels name="tag2" toName="image">
+    <Label value="(+1)" hint="keypoint" background="blue" alias="1"/>
+    <Label value="(-1)" hint="keypoint" background="red" alias="-1"/>
+    <Label value="(+2)" hint="keypoint" background="purple" alias="2"/>
+    <Label value="(-2)" hint="keypoint" background="red" alias="-2"/>
+  </KeypointLabels>
+  <RectangleLabels name="tag4" toName="image">
+    <Label value="[1]" hint="rectangle" background="blue" alias="1"/>
+    <Label value="[2]" hint="rectangle" background="purple" alias="2"/>
+  </RectangleLabels>
+</View>"""
 #: Seconds allowed for the backend to load its model and answer /health with model_loaded true.
 BACKEND_START_TIMEOUT = float(os.environ.get("BACKEND_START_TIMEOUT", "300"))
 #: Seconds allowed for one REST call to Label Studio (interactive calls wait for the backend's /predict).

@@ -48,7 +48,7 @@ from browser_helpers import (  # noqa: E402
     iou,
     log_in,
 )
-from labelstudio import Backend, HarnessError, LabelStudio, install_label_studio  # noqa: E402
+from labelstudio import ALIAS_CONFIG, NATIVE_CONFIG, Backend, HarnessError, LabelStudio, install_label_studio  # noqa: E402
 
 from tools.harness import recordings  # noqa: E402
 
@@ -78,41 +78,8 @@ BACKGROUND = (95.0, 40.0)  # the blurred room right of the cat
 # The editor shows the image slightly zoomed (a few percent of each border are off screen): keep the box inside.
 BOX_CORNERS = ((5.0, 5.0), (88.0, 95.0))
 
-# The same projects as tests/test_label_studio_e2e.py. The order of the controls matters here: a label is picked
-# on screen among the labels of the same text, in config order.
-NATIVE_CONFIG = """<View>
-  <Image name="image" value="$image" zoom="true"/>
-  <BrushLabels name="tag" toName="image">
-    <Label value="Cat" background="#FF0000"/>
-    <Label value="Dog" background="#0d14d3"/>
-  </BrushLabels>
-  <KeyPointLabels name="tag2" toName="image" smart="true">
-    <Label value="Cat" smart="true" background="#000000" showInline="true"/>
-    <Label value="Dog" smart="true" background="#000000" showInline="true"/>
-  </KeyPointLabels>
-  <RectangleLabels name="tag3" toName="image" smart="true">
-    <Label value="Cat" smart="true" background="#000000" showInline="true"/>
-    <Label value="Dog" smart="true" background="#000000" showInline="true"/>
-  </RectangleLabels>
-</View>"""
-
-ALIAS_CONFIG = """<View>
-  <Image name="image" value="$image" zoom="true"/>
-  <BrushLabels name="brush" toName="image">
-    <Label value="1" hint="brush" background="blue" alias="1_brush"/>
-    <Label value="2" hint="brush" background="purple" alias="2_brush"/>
-  </BrushLabels>
-  <KeypointLabels name="tag2" toName="image">
-    <Label value="(+1)" hint="keypoint" background="blue" alias="1"/>
-    <Label value="(-1)" hint="keypoint" background="red" alias="-1"/>
-    <Label value="(+2)" hint="keypoint" background="purple" alias="2"/>
-    <Label value="(-2)" hint="keypoint" background="red" alias="-2"/>
-  </KeypointLabels>
-  <RectangleLabels name="tag4" toName="image">
-    <Label value="[1]" hint="rectangle" background="blue" alias="1"/>
-    <Label value="[2]" hint="rectangle" background="purple" alias="2"/>
-  </RectangleLabels>
-</View>"""
+# The projects are labelstudio.NATIVE_CONFIG / ALIAS_CONFIG, as in test_label_studio_e2e.py. The order of the
+# controls matters here: a label is picked on screen among the labels of the same text, in config order.
 
 #: Per convention: the config, the brush tag and label the answer must carry, and for each prompt step the
 #: control, the label's text on screen, the label Label Studio must send (alias or value), whether it is an

@@ -26,6 +26,8 @@ import requests
 REPO = Path(__file__).resolve().parents[2]
 
 from labelstudio import (  # noqa: E402
+    ALIAS_CONFIG,
+    NATIVE_CONFIG,
     Backend,
     HarnessError,
     LabelStudio,
@@ -37,41 +39,6 @@ from labelstudio import (  # noqa: E402
 pytestmark = pytest.mark.labelstudio
 
 W, H = 451, 300
-
-NATIVE_CONFIG = """<View>
-  <Image name="image" value="$image" zoom="true"/>
-  <BrushLabels name="tag" toName="image">
-    <Label value="Cat" background="#FF0000"/>
-    <Label value="Dog" background="#0d14d3"/>
-  </BrushLabels>
-  <KeyPointLabels name="tag2" toName="image" smart="true">
-    <Label value="Cat" smart="true" background="#000000" showInline="true"/>
-    <Label value="Dog" smart="true" background="#000000" showInline="true"/>
-  </KeyPointLabels>
-  <RectangleLabels name="tag3" toName="image" smart="true">
-    <Label value="Cat" smart="true" background="#000000" showInline="true"/>
-    <Label value="Dog" smart="true" background="#000000" showInline="true"/>
-  </RectangleLabels>
-</View>"""
-
-# The seed's alias convention: keypoint alias N / -N, rectangle alias N, brush label N (alias N_brush).
-ALIAS_CONFIG = """<View>
-  <Image name="image" value="$image" zoom="true"/>
-  <BrushLabels name="brush" toName="image">
-    <Label value="1" hint="brush" background="blue" alias="1_brush"/>
-    <Label value="2" hint="brush" background="purple" alias="2_brush"/>
-  </BrushLabels>
-  <KeypointLabels name="tag2" toName="image">
-    <Label value="(+1)" hint="keypoint" background="blue" alias="1"/>
-    <Label value="(-1)" hint="keypoint" background="red" alias="-1"/>
-    <Label value="(+2)" hint="keypoint" background="purple" alias="2"/>
-    <Label value="(-2)" hint="keypoint" background="red" alias="-2"/>
-  </KeypointLabels>
-  <RectangleLabels name="tag4" toName="image">
-    <Label value="[1]" hint="rectangle" background="blue" alias="1"/>
-    <Label value="[2]" hint="rectangle" background="purple" alias="2"/>
-  </RectangleLabels>
-</View>"""
 
 # Prompts in percent of the image (Label Studio's coordinates). A click anywhere on the fur gives the whole cat
 # (about 70 % of the picture); the box prompts are chosen so that the box visibly changes the answer.
