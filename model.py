@@ -24,6 +24,7 @@ from sam_backend.cache import EmbeddingCache, RecentImages
 from sam_backend.errors import ImageError, RequestError
 from sam_backend.images import ImageLoader, LabelStudioAccess
 from sam_backend.images.redact import redact_url
+from sam_backend.images.references import is_immutable
 from sam_backend.labelstudio import context, label_config, prompting, results
 from sam_backend.labelstudio.memory import PromptMemory
 from sam_backend.lru import BoundedLRU
@@ -130,17 +131,22 @@ class SamModel:
     def _embedding(self, url: str, task: Mapping, fallback: LabelStudioAccess | None, where: str) -> Embedding:
         """The embedding of the task's image. `where` names the task field holding `url`, for decode errors.
 
-        The image is downloaded unless this URL gave an embedded image less than IMAGE_URL_TTL seconds ago.
+        The image is downloaded unless this URL is a Label Studio upload that gave an embedded image less than
+        IMAGE_URL_TTL seconds ago.
         """
         source = (url, fallback.url if fallback is not None else None)  # a relative URL means the fallback's
-        known = self.recent.get(source)
+        # Only Label Studio's uploads keep their content under their URL; local files and cloud keys can be
+        # replaced in place, so they are read again on every call (a stale image would give wrong masks).
+        immutable = is_immutable(url)
+        known = self.recent.get(source) if immutable else None
         if known is not None:
             embedding = self.cache.get(known)
             if embedding is not None:
                 return embedding
         data = self.images.fetch(url, fallback, task_id=_task_id(task))
         key = (self.model_version, hashlib.sha256(data).hexdigest())
-        self.recent.put(source, key)
+        if immutable:
+            self.recent.put(source, key)
 
         def compute() -> Embedding:
             try:

@@ -51,7 +51,7 @@ class Settings:
     local_files_root: Path | None = None  # LOCAL_FILES_DOCUMENT_ROOT
     # Images
     image_timeout: float = 10.0  # IMAGE_TIMEOUT seconds: connect and each read; a whole fetch at most 3x that
-    image_url_ttl: float = 600.0  # IMAGE_URL_TTL: seconds a URL is taken to hold the image it held (0: always fetch)
+    image_url_ttl: float = 600.0  # IMAGE_URL_TTL: seconds a Label Studio upload URL is taken to hold its image (0: off)
     max_image_bytes: int = 64 << 20  # MAX_IMAGE_BYTES
     max_image_pixels: int = 100_000_000  # MAX_IMAGE_PIXELS
     allowed_hosts: tuple[str, ...] = ()  # ALLOWED_IMAGE_HOSTS: comma list; empty = Label Studio + public

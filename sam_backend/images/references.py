@@ -84,6 +84,20 @@ def media_parts(path: str) -> SplitResult:
     return parts
 
 
+#: Label Studio's uploads (/data/upload/<project>/<uuid prefix>-<name>): each upload gets a new name, so an
+#: upload path never names other content later (local files, cloud keys and other hosts' URLs may)
+UPLOAD_PATH = re.compile(r"(?:^|/)data/upload/[^?#]+$")
+
+
+def is_immutable(url: str) -> bool:
+    """Whether `url` (a task's image reference) names content that never changes: a Label Studio upload."""
+    try:
+        path = urlsplit(url.strip()).path
+    except ValueError:
+        return False
+    return bool(UPLOAD_PATH.search(path))
+
+
 def label_studio_media_path(url: str, ls: LabelStudio | NoLabelStudio) -> str | None:
     """`url` relative to the base URL of `ls` (query kept) when it is a media path of that Label Studio (its
     origin, under its base path); else None."""

@@ -617,6 +617,30 @@ def test_local_files_fifos_and_links_neither_hang_nor_escape(base_settings, torc
         backend.close()
 
 
+def test_a_local_file_replaced_in_place_is_read_again(base_settings, torch_predictor, tmp_path):
+    """IMAGE_URL_TTL reused a local file's old content for 600 s: a file replaced by one of another size gave 400
+    (size mismatch) and one of the same size silently stale masks. Only Label Studio's uploads are reused now."""
+    import cv2
+
+    root = tmp_path / "files"
+    root.mkdir()
+    photo = scene("star-astronaut-brick", (300, 451)).image
+    cv2.imwrite(str(root / "task.png"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
+    backend = make_live_backend(base_settings, torch_predictor, local_files_root=root)
+    try:
+        body = body_for("keypoints_positive_and_negative", "/data/local-files/?d=task.png")
+        first = send(backend.url, body)
+        assert first.status_code == 200, first.text
+        flipped = np.ascontiguousarray(photo[:, ::-1])  # same size, other content
+        cv2.imwrite(str(root / "task.png"), cv2.cvtColor(flipped, cv2.COLOR_RGB2BGR))
+        second = send(backend.url, body)
+        assert second.status_code == 200, second.text
+        masks = [decode_rle(r.json()["results"][0]["result"][0]["value"]["rle"]) for r in (first, second)]
+        assert not np.array_equal(masks[0], masks[1]), "the replaced file was not read again"
+    finally:
+        backend.close()
+
+
 @pytest.mark.parametrize("image", ["s3://bucket/\ud800.png", "http://us\udfffer:pw@127.0.0.1:9/a.png"])
 def test_a_lone_surrogate_in_an_image_url_is_a_400(live_backend, image):
     """JSON's \\ud800 escapes decode to lone surrogates; encoding them for the URL was a 500 with a traceback."""
