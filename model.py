@@ -18,19 +18,22 @@ Nothing here imports torch, onnxruntime, flask or a predictor module: `sam_backe
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any, Mapping
 
 from sam_backend.cache import EmbeddingCache, RecentImages
 from sam_backend.errors import ImageError, RequestError
 from sam_backend.images import ImageLoader, LabelStudioAccess
 from sam_backend.images.redact import redact_url
-from sam_backend.images.references import is_immutable
+from sam_backend.images.references import is_immutable, names_peer
 from sam_backend.labelstudio import context, label_config, prompting, results
 from sam_backend.labelstudio.memory import PromptMemory
 from sam_backend.lru import BoundedLRU
 from sam_backend.sam.types import Embedding, Predictor
 from sam_backend.settings import Settings
 
+
+log = logging.getLogger(__name__)
 
 class SamModel:
     """Answers Label Studio's calls with one predictor. Thread-safe; holds no per-request state."""
@@ -61,12 +64,23 @@ class SamModel:
                                     "hits": self.cache.hits, "misses": self.cache.misses}}
 
     # ---- /setup -------------------------------------------------------------------------------------
-    def setup(self, body: Any) -> dict:
-        """Remember where the project's Label Studio is (a fallback for image downloads); never loads a model."""
+    def setup(self, body: Any, peer: str | None = None) -> dict:
+        """Remember where the project's Label Studio is (a fallback for image downloads); never loads a model.
+
+        `peer`: the address the call came from. Without LABEL_STUDIO_URL, the body's `hostname` (and the token
+        that goes with it) is taken only when it names that caller: Label Studio telling where it is. Anyone
+        else who can reach the backend could otherwise point a project's image downloads at an internal host.
+        """
         body = _object(body, "body")
         project, hostname, token = body.get("project"), body.get("hostname"), body.get("access_token")
-        if isinstance(project, str) and isinstance(hostname, str) and hostname and isinstance(token, str) and token:
-            self._projects.put(project, LabelStudioAccess(url=hostname, token=token))
+        if (isinstance(project, str) and isinstance(hostname, str) and hostname and isinstance(token, str) and token
+                and token.isprintable() and token.isascii()):
+            if self.settings.label_studio_url or names_peer(hostname, peer):
+                self._projects.put(project, LabelStudioAccess(url=hostname, token=token))
+            else:
+                log.warning("/setup for project %r names Label Studio at %s, but came from %s: not used for image "
+                            "downloads (set LABEL_STUDIO_URL when a proxy stands between them)", project[:64],
+                            redact_url(hostname), peer)
         schema = body.get("schema")
         if isinstance(schema, str) and schema.strip():
             # a config we cannot serve is reported when the model is connected

@@ -52,7 +52,7 @@ class Backend(Protocol):
     model_version: str
     model_class: str
 
-    def setup(self, body: Any) -> dict: ...
+    def setup(self, body: Any, peer: str | None = None) -> dict: ...
 
     def predict(self, body: Any) -> dict: ...
 
@@ -106,7 +106,7 @@ def create_app(model: Backend, settings: Settings) -> Flask:
 
     @app.post("/setup")
     def setup():
-        return jsonify(model.setup(_json_body()))
+        return jsonify(model.setup(_json_body(), peer=request.remote_addr))
 
     @app.post("/predict")
     def predict():

@@ -15,7 +15,10 @@ scheme://bucket/key or comes without a task id, no Label Studio known); the unus
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from urllib.parse import SplitResult, unquote, urlsplit
 
@@ -96,6 +99,41 @@ def is_immutable(url: str) -> bool:
     except ValueError:
         return False
     return bool(UPLOAD_PATH.search(path))
+
+
+def names_peer(url: str, peer: str | None, timeout: float = 1.0) -> bool:
+    """Whether the host of `url` is the address `peer` (an IP), or resolves to it within `timeout` seconds."""
+    if not peer:
+        return False
+    try:
+        host = urlsplit(url.strip()).hostname
+        wanted = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if not host:
+        return False
+    try:
+        return _same_address(ipaddress.ip_address(host), wanted)
+    except ValueError:
+        pass
+    lookup = _RESOLVER.submit(socket.getaddrinfo, host, None, type=socket.SOCK_STREAM)
+    try:
+        addresses = {info[4][0] for info in lookup.result(timeout=timeout)}
+    except (concurrent.futures.TimeoutError, OSError, UnicodeError):
+        return False
+    return any(_same_address(ipaddress.ip_address(a.split("%")[0]), wanted) for a in addresses)
+
+
+def _same_address(a: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                  b: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    def plain(x):
+        return x.ipv4_mapped or x if isinstance(x, ipaddress.IPv6Address) else x
+    a, b = plain(a), plain(b)
+    return a == b or (a.is_loopback and b.is_loopback)
+
+
+#: look-ups for names_peer: a few at a time, each bounded by its caller's timeout
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="setup-dns")
 
 
 def label_studio_media_path(url: str, ls: LabelStudio | NoLabelStudio) -> str | None:

@@ -641,6 +641,24 @@ def test_a_local_file_replaced_in_place_is_read_again(base_settings, torch_predi
         backend.close()
 
 
+def test_setup_hostname_counts_only_from_the_label_studio_it_names(base_settings, torch_predictor, images):
+    """Without LABEL_STUDIO_URL, /setup's hostname and token become the project's image source: only when the
+    call comes from that host, so a stranger cannot point a project's downloads at an internal address."""
+    backend = make_live_backend(base_settings, torch_predictor, label_studio_url="", label_studio_api_key="")
+    try:
+        body = body_for("keypoints_positive_and_negative")
+        for hostname in ("http://10.255.0.1:9", "http://169.254.169.254"):
+            setup = {"project": body["project"], "hostname": hostname, "access_token": LS_TOKEN, "schema": ""}
+            assert send(backend.url, setup, "/setup").status_code == 200
+            assert_json_error(send(backend.url, body), 400, "no Label Studio is known")
+        setup["hostname"] = images.url  # Label Studio on 127.0.0.1, the address the call comes from
+        assert send(backend.url, setup, "/setup").status_code == 200
+        answer = send(backend.url, body)
+        assert answer.status_code == 200 and answer.json()["results"][0]["result"], answer.text
+    finally:
+        backend.close()
+
+
 @pytest.mark.parametrize("image", ["s3://bucket/\ud800.png", "http://us\udfffer:pw@127.0.0.1:9/a.png"])
 def test_a_lone_surrogate_in_an_image_url_is_a_400(live_backend, image):
     """JSON's \\ud800 escapes decode to lone surrogates; encoding them for the URL was a 500 with a traceback."""

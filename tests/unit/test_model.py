@@ -248,7 +248,8 @@ def test_opened_tasks_are_embedded_in_the_background_and_the_click_is_warm(make)
 def test_setup_remembers_the_projects_label_studio_for_image_downloads(make):
     model, _, images = make()
     setup = recorded("add_model", "/setup")
-    assert model.setup(setup) == {"model_version": "FakeSAM-test"}
+    assert setup["hostname"].startswith("http://localhost:")  # as Label Studio sent it, from 127.0.0.1
+    assert model.setup(setup, peer="127.0.0.1") == {"model_version": "FakeSAM-test"}
     body = recorded("keypoints_positive_and_negative")
     body["project"] = setup["project"]
     model.predict(body)
@@ -258,6 +259,27 @@ def test_setup_remembers_the_projects_label_studio_for_image_downloads(make):
     other["project"] = "another"
     model.predict(other)
     assert images.fetches[1][1] is None
+
+
+def test_setup_takes_a_hostname_only_from_the_host_it_names(make):
+    """Without LABEL_STUDIO_URL anyone reaching the backend could re-point a project's downloads (and its token)
+    at an internal host; the hostname is taken only from the caller it names."""
+    model, _, images = make()
+    body = recorded("keypoints_positive_and_negative")
+    for hostname, peer in (("http://localhost:8080", "10.0.0.9"), ("http://10.0.0.9:8080", "127.0.0.1"),
+                           ("http://169.254.169.254", None), ("http://no-such-host.invalid:8080", "127.0.0.1")):
+        setup = {"project": "p1", "hostname": hostname, "access_token": "t0ken0123"}
+        assert model.setup(setup, peer=peer) == {"model_version": "FakeSAM-test"}
+        body["project"] = "p1"
+        model.predict(body)
+        assert images.fetches[-1][1] is None, (hostname, peer)
+    model.setup({"project": "p1", "hostname": "http://10.0.0.9:8080", "access_token": "t0ken0123"}, peer="10.0.0.9")
+    model.predict(body)
+    assert images.fetches[-1][1] == LabelStudioAccess(url="http://10.0.0.9:8080", token="t0ken0123")
+    configured, _, configured_images = make(label_studio_url="http://ls.example:8080")
+    configured.setup({"project": "p1", "hostname": "http://x:1", "access_token": "t0ken0123"}, peer="10.1.1.1")
+    configured.predict(body)  # the configured Label Studio wins; the token may still be the /setup one
+    assert configured_images.fetches[-1][1] is not None
 
 
 def test_setup_refuses_a_config_it_cannot_serve(make):
