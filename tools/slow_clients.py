@@ -47,8 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.bench import (CONTROLLED, ROOT, TOKEN, FakeLabelStudio, ImageSet, Server, TaskIds, click_body, free_port,
-                         load, summary)
+from tools.bench.over_http import TaskIds, click_body
+from tools.bench.plan import CONTROLLED, ROOT, TOKEN, ImageSet
+from tools.bench.report import load, summary
+from tools.harness.processes import GunicornBackend, free_port
+from tools.harness.stub_label_studio import FakeLabelStudio
 
 DEFAULT_JSON = ROOT / "artifacts" / "slow_clients.json"
 SIZE = "640x480"
@@ -387,14 +390,15 @@ def run(plan: Plan, front: str | None, say) -> dict[str, Any]:
     stall = StallingHost()
     env = server_env(label_studio, plan.extra_env)
     log_dir = DEFAULT_JSON.parent
-    server = Server(env, log_dir / "slow-clients-server.log")
+    server = GunicornBackend(log_dir / "slow-clients-server.log", append=False)
     nginx: NginxFront | None = None
     slow: SlowClients | None = None
     stalled: StalledPredicts | None = None
     out: dict[str, Any] = {"plan": plan.__dict__, "front": front, "loadavg_before": load(),
                            "server_env": {k: env[k] for k in sorted(set(plan.extra_env) | set(SERVER_ENV))}}
     try:
-        out["startup_s"] = round(server.start(), 2)
+        server.start(env, interval=0.2, single_worker=True)
+        out["startup_s"] = round(server.startup_s, 2)
         url = server.url
         if front == "nginx":
             nginx = NginxFront(server.port)
