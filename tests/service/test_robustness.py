@@ -496,7 +496,7 @@ def test_prompt_memory_holds_at_most_prompt_memory_size_masks(base_settings, tor
                 remembered = sum(len(task.masks) for task in memory._tasks.values())
                 assert remembered <= 4, f"{remembered} masks remembered with PROMPT_MEMORY_SIZE=4"
         # the newest are kept: a further click on the last class still refines its previous mask
-        newest = next(reversed(memory._tasks.values()))
+        newest = list(memory._tasks.values())[-1]
         assert ("brush", "L5") in newest.masks and ("brush", "L4") in newest.masks
     finally:
         backend.close()
