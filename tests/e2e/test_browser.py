@@ -402,6 +402,9 @@ class Editor:
 
     def point(self, x_percent: float, y_percent: float) -> tuple[float, float]:
         """Screen position of a point of the image, in percent; it must be visible."""
+        # The editor re-renders its stage after some actions (accepting a suggestion); under load the canvas can
+        # be briefly absent (seen once in CI conditions: querySelector('.konvajs-content') was null).
+        self.page.wait_for_selector(".konvajs-content", timeout=UI_TIMEOUT * 1000)
         geometry = self.page.evaluate(IMAGE_GEOMETRY)
         x = geometry["x"] + geometry["w"] * x_percent / 100
         y = geometry["y"] + geometry["h"] * y_percent / 100
