@@ -88,7 +88,7 @@ COPY . .
 # The ONNX files only: the torch checkpoint would be 40 MB of dead weight here.
 COPY --from=export /app/models-onnx ./models
 # Fail the build, not the first request, when the ONNX files are missing (ONNX=false) or named other than
-# where settings.py looks for them.
+# where sam_backend/settings.py looks for them.
 RUN python -c "import sys; from sam_backend import settings; missing = [str(p) for p in settings.from_environment().onnx_paths if not p.is_file()]; sys.exit('cpu target: missing ' + ', '.join(missing) + ' (build with ONNX=true)' if missing else 0)"
 USER 10001:10001
 EXPOSE 9090
