@@ -55,6 +55,7 @@ CHANNELS = 4
 _MAX_VALUES = 2**32 - 1  # the header's count field is 32 bits wide
 _CHUNK = 2**16  # longest run one "1 11" token can describe
 _MASK64 = (1 << 64) - 1
+_COMPARE_CHUNK = 1 << 22  # values compared at once when finding runs (4 MB of temporaries)
 
 
 def _flat_uint8_runs(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +64,11 @@ def _flat_uint8_runs(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.uint8)
     cmp = flat.view(np.uint8) if flat.dtype == np.bool_ else flat
-    change = np.flatnonzero(cmp[1:] != cmp[:-1]) + 1
+    # where a value differs from the one before it, in chunks: one comparison of the whole array would be a second
+    # array of the mask's size (100 MB for a 100 Mpx mask) on top of it
+    change = np.concatenate([np.flatnonzero(cmp[start + 1: stop + 1] != cmp[start: stop]) + (start + 1)
+                             for start in range(0, max(n - 1, 1), _COMPARE_CHUNK)
+                             for stop in (min(start + _COMPARE_CHUNK, n - 1),)])
     starts = np.empty(change.size + 1, np.int64)
     starts[0] = 0
     starts[1:] = change

@@ -19,6 +19,14 @@ PIXEL_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 MASK_THRESHOLD = 0.0
 
 
+def sizes_of(image: np.ndarray, original_size: tuple[int, int] | None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(original_size, input_size) of an embedding of `image`, a reduced copy of an image of `original_size`
+    (None: `image` is the whole image)."""
+    size = (int(original_size[0]), int(original_size[1])) if original_size else (int(image.shape[0]),
+                                                                                  int(image.shape[1]))
+    return size, input_size(size)
+
+
 def input_size(original_size: tuple[int, int]) -> tuple[int, int]:
     """(h, w) of an image of `original_size` (H, W) once its longest side is scaled to 1024."""
     height, width = original_size
@@ -26,14 +34,17 @@ def input_size(original_size: tuple[int, int]) -> tuple[int, int]:
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def preprocess_image(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (1, 3, 1024, 1024) float32: resized, normalised, zero-padded bottom/right.
+def preprocess_image(image: np.ndarray, original_size: tuple[int, int] | None = None) -> np.ndarray:
+    """(h, w, 3) uint8 RGB -> (1, 3, 1024, 1024) float32: resized, normalised, zero-padded bottom/right.
 
+    `original_size`: (H, W) of the image the user sees when `image` is a reduced copy of it (see
+    `images.decode.DecodedImage`); it sets the size the image is resized to, `input_size(original_size)`, so that
+    prompts and masks map to the encoder's frame as they would from the whole image. None: `image` is whole.
     Resizing uses PIL's bilinear filter, as `ResizeLongestSide.apply_image` does through torchvision.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
-    height, width = input_size(image.shape[:2])
+    height, width = input_size(original_size or image.shape[:2])
     resized = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR), dtype=np.float32)
     normalised = (resized - PIXEL_MEAN) / PIXEL_STD
     padded = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
@@ -97,8 +108,9 @@ def upscale_mask(logits: np.ndarray, in_size: tuple[int, int], original_size: tu
     """(256, 256) logits -> (H, W) bool mask: `upscale_logits(...) > MASK_THRESHOLD`, in bounded memory.
 
     Up to `strip_pixels` pixels it is exactly that. Larger images are interpolated the same way (bilinear, half-pixel
-    centres, separable: along rows first, at full width but the 1024-frame's height, then down the columns) in
-    strips of STRIP_ROWS rows, so the float32 temporaries stay about (1024 + 3 * STRIP_ROWS) x W whatever H is.
+    centres, separable: along rows first, to full width, then down the columns) in strips of STRIP_ROWS output
+    rows, each widening only the rows of the 1024-frame it reads, so the float32 temporaries stay about
+    4 x STRIP_ROWS x W whatever H is (10 MB a strip at W = 10000) and the mask itself is the one full-size array.
     Masks then agree with the one-piece path except where a logit is within float rounding of the threshold.
     """
     height, width = original_size
@@ -106,7 +118,6 @@ def upscale_mask(logits: np.ndarray, in_size: tuple[int, int], original_size: tu
         return upscale_logits(logits, in_size, original_size) > MASK_THRESHOLD
     full = cv2.resize(logits.astype(np.float32), (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
     cropped = np.ascontiguousarray(full[: in_size[0], : in_size[1]])
-    rows = cv2.resize(cropped, (width, in_size[0]), interpolation=cv2.INTER_LINEAR)  # (h, W): width done
     source_height = in_size[0]
     mask = np.empty((height, width), dtype=bool)
     for top in range(0, height, STRIP_ROWS):
@@ -115,8 +126,11 @@ def upscale_mask(logits: np.ndarray, in_size: tuple[int, int], original_size: tu
         above = np.minimum(np.floor(source).astype(np.int64), source_height - 1)
         below = np.minimum(above + 1, source_height - 1)
         weight = (source - np.floor(source)).astype(np.float32)[:, None]
-        strip = rows[above] * (1.0 - weight)
-        strip += rows[below] * weight
+        first, last = int(above[0]), int(below[-1]) + 1  # the source rows this strip reads
+        # widening rows alone (their count unchanged) is exact: cv2 interpolates each axis on its own
+        rows = cv2.resize(cropped[first:last], (width, last - first), interpolation=cv2.INTER_LINEAR)
+        strip = rows[above - first] * (1.0 - weight)
+        strip += rows[below - first] * weight
         np.greater(strip, MASK_THRESHOLD, out=mask[top: top + len(y)])
     return mask
 

@@ -314,3 +314,16 @@ def test_decode_accepts_bytes_and_arrays() -> None:
     out = rle.encode(m)
     for form in (bytes(out), np.array(out, np.uint8), np.array(out)):
         np.testing.assert_array_equal(rle.decode(form, 5, 6), as_uint8(m))
+
+
+def test_runs_across_comparison_chunks_match_the_sdk(monkeypatch) -> None:
+    """Runs are found in chunks of _COMPARE_CHUNK values (bounded memory on large masks): a change exactly at a
+    chunk's edge, runs spanning several chunks and a last short chunk give the SDK's bytes."""
+    monkeypatch.setattr(rle, "_COMPARE_CHUNK", 64)
+    rng = np.random.default_rng(3)
+    mask = np.zeros((37, 29), bool)  # 1073 values: 16 whole chunks and a part
+    mask.flat[64:128] = True  # one run exactly one chunk long, from a chunk edge to the next
+    mask.flat[200:600] = True  # a run over six chunks
+    mask.flat[1000:] = rng.random(73) > 0.5
+    assert rle.encode(mask) == list(mask2rle(mask.astype(np.uint8) * 255))
+    assert np.array_equal(rle.decode(rle.encode(mask), 37, 29) > 0, mask)
