@@ -99,12 +99,11 @@ class TorchSamPredictor:
         return cls(model, model_version or model_type, torch_device)
 
     @torch.inference_mode()
-    def embed(self, image: np.ndarray) -> Embedding:
-        pixels = torch.from_numpy(transforms.preprocess_image(image)).to(self.device)
+    def embed(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> Embedding:
+        pixels = torch.from_numpy(transforms.preprocess_image(image, original_size)).to(self.device)
         features = self.model.image_encoder(pixels)
-        return Embedding(features=features.float().cpu().numpy(),
-                         original_size=(int(image.shape[0]), int(image.shape[1])),
-                         input_size=transforms.input_size(image.shape[:2]))
+        size, in_size = transforms.sizes_of(image, original_size)
+        return Embedding(features=features.float().cpu().numpy(), original_size=size, input_size=in_size)
 
     @torch.inference_mode()
     def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:

@@ -164,10 +164,10 @@ class SamModel:
 
         def compute() -> Embedding:
             try:
-                image = ImageLoader.decode(data, self.settings.max_image_pixels)
+                image = ImageLoader.decode_for_encoder(data, self.settings.max_image_pixels)
             except ImageError as error:
                 raise ImageError(error.status, f"{where} ({redact_url(url)}): {error.message}") from None
-            return self.predictor.embed(image)
+            return self.predictor.embed(image.pixels, image.size)
 
         return self.cache.get_or_compute(key, compute)
 

@@ -60,7 +60,7 @@ META_QUANTIZATION = "sam_quantization"  # absent for float32, "uint8-dynamic" (8
 class ImageEncoder(Protocol):
     """Anything that embeds images, e.g. `advanced_sam.TorchSamPredictor` (used when no encoder.onnx exists)."""
 
-    def embed(self, image: np.ndarray) -> Embedding:
+    def embed(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> Embedding:
         ...
 
 
@@ -196,14 +196,13 @@ class OnnxSamPredictor:
                  decoder_path)
         return cls(image_encoder, decoder, model_version)
 
-    def embed(self, image: np.ndarray) -> Embedding:
+    def embed(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> Embedding:
         if not isinstance(self.encoder, ort.InferenceSession):
-            return self.encoder.embed(image)
-        pixels = transforms.preprocess_image(image)
+            return self.encoder.embed(image, original_size)
+        pixels = transforms.preprocess_image(image, original_size)
         (features,) = self.encoder.run(["image_embeddings"], {"image": pixels})
-        return Embedding(features=np.asarray(features, dtype=np.float32),
-                         original_size=(int(image.shape[0]), int(image.shape[1])),
-                         input_size=transforms.input_size(image.shape[:2]))
+        size, in_size = transforms.sizes_of(image, original_size)
+        return Embedding(features=np.asarray(features, dtype=np.float32), original_size=size, input_size=in_size)
 
     def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
         low_res, iou = self.decode_low_res(embedding, prompt)

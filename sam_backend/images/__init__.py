@@ -45,6 +45,7 @@ import time
 
 from sam_backend.errors import ImageError
 from sam_backend.images.credentials import LabelStudio, LabelStudioAccess
+from sam_backend.images.decode import decode as decode_reduced
 from sam_backend.images.decode import decode_image
 from sam_backend.images.local_files import local_root, read_local
 from sam_backend.images.redact import redact_url
@@ -67,7 +68,10 @@ class ImageLoader:
         self.settings = settings
         self._transport = Transport(settings)
 
+    #: bytes -> the whole (H, W, 3) uint8 RGB array (decode.decode_image)
     decode = staticmethod(decode_image)
+    #: bytes -> DecodedImage: pixels reduced for the encoder when large, and the size as displayed (decode.decode)
+    decode_for_encoder = staticmethod(decode_reduced)
 
     def fetch(self, url: str, fallback: LabelStudioAccess | None = None, task_id: int | None = None) -> bytes:
         """The bytes of the image `url` refers to (at most settings.max_image_bytes of them).

@@ -74,8 +74,13 @@ class Predictor(Protocol):
     #: Names the weights, e.g. "MobileSAM-6dbb9052"; shown to Label Studio as model_version.
     model_version: str
 
-    def embed(self, image: np.ndarray) -> Embedding:
-        """Encode an (H, W, 3) uint8 RGB image. Slow: about 1-2 s for MobileSAM on a laptop CPU."""
+    def embed(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> Embedding:
+        """Encode an (h, w, 3) uint8 RGB image. Slow: about 1-2 s for MobileSAM on a laptop CPU.
+
+        `original_size`: (H, W) of the image the user sees when `image` is a reduced copy of it (same aspect
+        ratio, longest side at least 1024; see `images.decode.DecodedImage`); the embedding's `original_size`.
+        None: `image` is the whole image.
+        """
         ...
 
     def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:

@@ -511,12 +511,12 @@ class ExplodingPredictor:
     def __init__(self, where: str) -> None:
         self.where = where
 
-    def embed(self, image):
+    def embed(self, image, original_size=None):
         from sam_backend.sam.types import Embedding
 
         if self.where == "embed":
             raise RuntimeError("encoder exploded at /opt/secret/internal/path.py")
-        return Embedding(np.zeros((1, 256, 64, 64), np.float32), image.shape[:2], (1024, 1024))
+        return Embedding(np.zeros((1, 256, 64, 64), np.float32), original_size or image.shape[:2], (1024, 1024))
 
     def decode(self, embedding, prompt):
         raise RuntimeError("decoder exploded at /opt/secret/internal/path.py")

@@ -32,11 +32,11 @@ class FakePredictor:
         self.images: list[tuple[int, int]] = []
         self._lock = threading.Lock()
 
-    def embed(self, image: np.ndarray) -> Embedding:
+    def embed(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> Embedding:
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"embed takes an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
-        size = (int(image.shape[0]), int(image.shape[1]))
+        size = transforms.sizes_of(image, original_size)[0]
         with self._lock:
             self.images.append(size)
         features = np.zeros((1, 256, 64, 64), np.float32)
