@@ -45,3 +45,4 @@ onnx: install-dev weights
 ## bench: latency, memory and RLE numbers on real weights and images; writes artifacts/bench.json
 bench: install-dev weights
 	$(BIN)/python -m tools.bench
+	$(BIN)/python -m tools.memory_bench

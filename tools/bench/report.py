@@ -39,6 +39,24 @@ def cpu_pressure() -> float | None:
         return None
 
 
+#: the CPU flags that change which kernels torch and ONNX Runtime run (int8 and float alike)
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+                "neon", "asimd")
+
+
+def vector_extensions() -> list[str]:
+    """The VECTOR_FLAGS this machine's CPU has (from /proc/cpuinfo), e.g. ["avx2", "fma", "avx512f"]."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.lower().startswith(("flags", "features")) and ":" in line:
+            flags.update(line.split(":", 1)[1].split())
+    return [flag for flag in VECTOR_FLAGS if flag in flags]
+
+
 def machine_info() -> dict[str, Any]:
     cpu_model = "unknown"
     try:
@@ -71,7 +89,7 @@ def machine_info() -> dict[str, Any]:
                                 timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"cpu_model": cpu_model, "cpus": os.cpu_count(),
+    return {"cpu_model": cpu_model, "cpu_vector_extensions": vector_extensions(), "cpus": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "memory_mb": memory, "loadavg_start": load(),
             "cpu_pressure_avg60_start": cpu_pressure(), "python": platform.python_version(),
@@ -134,7 +152,7 @@ def report(results: dict) -> str:
     add = lines.append
     m = results["machine"]
     main = results["main_size"]
-    add(f"Machine: {m['cpu_model']}, {m['cpus_usable']}/{m['cpus']} CPUs, {m['memory_mb'].get('MemTotal', '?')} MiB;"
+    add(f"Machine: {m['cpu_model']} ({', '.join(m.get('cpu_vector_extensions') or []) or 'no AVX2'}), {m['cpus_usable']}/{m['cpus']} CPUs, {m['memory_mb'].get('MemTotal', '?')} MiB;"
         f" load {m['loadavg_start']} at start, {results['loadavg_end']} at end (CPU pressure avg60"
         f" {fmt(m['cpu_pressure_avg60_start'])}% / {fmt(results['cpu_pressure_avg60_end'])}%); commit {m['commit']};"
         f" {'QUICK' if results['quick'] else 'full'} run in {results['duration_s']:.0f} s")
