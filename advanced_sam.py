@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam_backend.sam import transforms
 from sam_backend import catalog
 from sam_backend.errors import CheckpointError
+from sam_backend.sam import transforms
+from sam_backend.sam.lanes import EncoderLane
 from sam_backend.sam.types import Embedding, Prediction, Prompt
 
 log = logging.getLogger(__name__)
@@ -80,26 +81,43 @@ def build_sam(model_type: str, checkpoint: Path | None, device: torch.device) ->
 
 
 class TorchSamPredictor:
-    """A SAM or MobileSAM model on torch behind the `predictor.Predictor` interface. Thread-safe."""
+    """A SAM or MobileSAM model on torch behind the `predictor.Predictor` interface. Thread-safe.
 
-    def __init__(self, model: torch.nn.Module, model_version: str, device: torch.device) -> None:
+    On the CPU, the encoder runs on `lane` (threads of lower priority, see `sam.lanes`) with `embed_threads`
+    threads (0: torch's default, one per core), and each decode in its caller's thread with `decode_threads`
+    (0: torch's default): a decode is too small to gain from more than one core, and concurrent clicks then
+    run side by side instead of spinning on each other's threads. torch keeps the count per calling thread.
+    """
+
+    def __init__(self, model: torch.nn.Module, model_version: str, device: torch.device, embed_threads: int = 0,
+                 decode_threads: int = 0, lane: EncoderLane | None = None) -> None:
         self.model = model
         self.model_version = model_version
         self.device = device
+        self.embed_threads = embed_threads
+        self.decode_threads = decode_threads
+        self.lane = lane or EncoderLane(nice=0)
 
     @classmethod
-    def load(cls, model_type: str, checkpoint: Path | None, device: str = "auto",
-             model_version: str | None = None, threads: int = 0) -> "TorchSamPredictor":
-        """Build and load the model; `threads` > 0 sets torch's intra-op threads for the process (0: its default)."""
-        if threads > 0:
-            torch.set_num_threads(threads)
+    def load(cls, model_type: str, checkpoint: Path | None, device: str = "auto", model_version: str | None = None,
+             threads: int = 0, decode_threads: int = 0, encoder_nice: int = 0,
+             encoder_workers: int = 1) -> TorchSamPredictor:
+        """Build and load the model. `threads` > 0: torch's intra-op threads of an embedding (0: one per core);
+        `decode_threads` of a decode (0: as many); `encoder_nice`: how much lower the encoder's CPU priority is;
+        `encoder_workers`: embeddings that may run at once."""
         torch_device = choose_device(device)
         model = build_sam(model_type, checkpoint, torch_device)
         log.info("loaded %s from %s on %s", model_type, checkpoint, torch_device)
-        return cls(model, model_version or model_type, torch_device)
+        lane = EncoderLane(nice=encoder_nice if torch_device.type == "cpu" else 0, workers=encoder_workers)
+        return cls(model, model_version or model_type, torch_device, embed_threads=threads,
+                   decode_threads=decode_threads, lane=lane)
+
+    def embed(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> Embedding:
+        return self.lane.run(self._embed, image, original_size)
 
     @torch.inference_mode()
-    def embed(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> Embedding:
+    def _embed(self, image: np.ndarray, original_size: tuple[int, int] | None) -> Embedding:
+        _set_threads(self.embed_threads)
         pixels = torch.from_numpy(transforms.preprocess_image(image, original_size)).to(self.device)
         features = self.model.image_encoder(pixels)
         size, in_size = transforms.sizes_of(image, original_size)
@@ -113,6 +131,7 @@ class TorchSamPredictor:
     @torch.inference_mode()
     def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
         """All four decoder outputs: (4, 256, 256) float32 logits and (4,) predicted IoUs."""
+        _set_threads(self.decode_threads)
         coords, labels = transforms.decoder_points(prompt, embedding.original_size)
         mask_input, has_mask = transforms.mask_input_of(prompt)
         features = torch.from_numpy(embedding.features).to(self.device, torch.float32)
@@ -131,6 +150,17 @@ class TorchSamPredictor:
             dense_prompt_embeddings=dense,
         )
         return low_res[0].float().cpu().numpy(), iou[0].float().cpu().numpy()
+
+
+#: torch's intra-op threads when a predictor is told 0 ("its default"): one per core, as torch starts with
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+def _set_threads(count: int) -> None:
+    """Set the calling thread's intra-op thread count (torch keeps it per thread; 0: DEFAULT_THREADS)."""
+    count = count or DEFAULT_THREADS
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
 
 
 def _sparse_embedding(encoder: torch.nn.Module, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

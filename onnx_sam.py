@@ -26,9 +26,10 @@ from typing import Protocol, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from sam_backend.sam import transforms
 from sam_backend import catalog
 from sam_backend.errors import OnnxModelError
+from sam_backend.sam import transforms
+from sam_backend.sam.lanes import EncoderLane
 from sam_backend.sam.types import Embedding, Prediction, Prompt
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,9 @@ def open_session(path: Path | str, kind: str, threads: int = 0,
     if threads > 0:
         options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ONNX Runtime's idle pool threads spin for a while after each run: on a busy machine they take the cores
+    # from the other session's work (a decode took 2x longer beside a spinning encoder pool, measured)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if kind == "encoder":
         # The memory pattern pre-plans one block for all of the encoder's activations and keeps it for the life
         # of the session. Without it, MobileSAM's server holds 320 MB less (a 1920x1080 embedding: RSS 839 ->
@@ -165,21 +169,27 @@ class OnnxSamPredictor:
     """SAM or MobileSAM on ONNX Runtime behind the `predictor.Predictor` interface. Thread-safe, torch-free."""
 
     def __init__(self, encoder: ort.InferenceSession | ImageEncoder, decoder: ort.InferenceSession,
-                 model_version: str) -> None:
+                 model_version: str, lane: EncoderLane | None = None) -> None:
         self.encoder = encoder
         self.decoder = decoder
         self.model_version = model_version
+        self.lane = lane or EncoderLane(nice=0)
 
     @classmethod
     def load(cls, encoder_path: Path | str | None, decoder_path: Path | str, model_version: str,
              threads: int = 0, encoder: ImageEncoder | None = None,
-             providers: Sequence[str] | None = None) -> "OnnxSamPredictor":
-        """Open both models. threads > 0 sets ONNX Runtime's intra-op thread count of each session; `providers`
-        defaults to CUDA when onnxruntime-gpu offers it, else the CPU.
+             providers: Sequence[str] | None = None, decode_threads: int = 0, encoder_nice: int = 0,
+             encoder_workers: int = 1) -> OnnxSamPredictor:
+        """Open both models. `threads` and `decode_threads` > 0 set ONNX Runtime's intra-op thread count of the
+        encoder and of the decoder (0: one per core); `providers` defaults to CUDA when
+        onnxruntime-gpu offers it, else the CPU. The encoder runs on an `EncoderLane` of `encoder_workers`
+        threads at `encoder_nice`; its session is opened on that lane, so that its pool threads inherit the
+        lane's priority.
 
         When `encoder_path` is None or names no file and `encoder` is given (anything with an `embed` method,
         e.g. a `TorchSamPredictor`), images are embedded by `encoder` and only the decoder runs on ONNX.
         """
+        lane = EncoderLane(nice=encoder_nice, workers=encoder_workers)
         if encoder is not None and (encoder_path is None or not Path(encoder_path).is_file()):
             log.info("no ONNX encoder at %s: embedding with %s", encoder_path, type(encoder).__name__)
             image_encoder: ort.InferenceSession | ImageEncoder = encoder
@@ -187,18 +197,21 @@ class OnnxSamPredictor:
             raise OnnxModelError("no ONNX encoder path and no encoder object given; build the encoder with "
                                  f"{build_command(Path(decoder_path).with_name('vit_t.encoder.onnx'))}")
         else:
-            image_encoder = open_session(encoder_path, "encoder", threads, providers)
-        decoder = open_session(decoder_path, "decoder", threads, providers)
+            image_encoder = lane.run(open_session, encoder_path, "encoder", threads, providers)
+        decoder = open_session(decoder_path, "decoder", decode_threads, providers)
         if isinstance(image_encoder, ort.InferenceSession):
             _check_pair(image_encoder, decoder, Path(encoder_path), Path(decoder_path))
         log.info("loaded ONNX SAM %s: encoder %s, decoder %s", model_version,
                  encoder_path if isinstance(image_encoder, ort.InferenceSession) else type(encoder).__name__,
                  decoder_path)
-        return cls(image_encoder, decoder, model_version)
+        return cls(image_encoder, decoder, model_version, lane)
 
     def embed(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> Embedding:
         if not isinstance(self.encoder, ort.InferenceSession):
             return self.encoder.embed(image, original_size)
+        return self.lane.run(self._embed, image, original_size)
+
+    def _embed(self, image: np.ndarray, original_size: tuple[int, int] | None) -> Embedding:
         pixels = transforms.preprocess_image(image, original_size)
         (features,) = self.encoder.run(["image_embeddings"], {"image": pixels})
         size, in_size = transforms.sizes_of(image, original_size)

@@ -45,6 +45,11 @@ class Settings:
     onnx_decoder: Path | None = None  # ONNX_DECODER_PATH; default models/<model>.decoder.onnx
     torch_threads: int = 0  # TORCH_NUM_THREADS; 0 = torch's default
     ort_threads: int = 0  # ORT_NUM_THREADS; 0 = onnxruntime's default
+    #: DECODE_THREADS: threads of one click's decode (torch and ONNX Runtime); 1 lets clicks of several users run
+    #: side by side, one per core; 0 = the library's default (every core, for each decode)
+    decode_threads: int = 1
+    #: ENCODER_NICE: how much lower the CPU priority of embeddings is than that of clicks (Linux nice, 0..19)
+    encoder_nice: int = 10
     # Label Studio
     label_studio_url: str = ""  # LABEL_STUDIO_URL
     label_studio_api_key: str = field(default="", repr=False)  # LABEL_STUDIO_API_KEY: legacy token or PAT
@@ -122,6 +127,8 @@ ENVIRONMENT = {
     "ONNX_DECODER_PATH": "onnx_decoder",
     "TORCH_NUM_THREADS": "torch_threads",
     "ORT_NUM_THREADS": "ort_threads",
+    "DECODE_THREADS": "decode_threads",
+    "ENCODER_NICE": "encoder_nice",
     "LABEL_STUDIO_URL": "label_studio_url",
     "LABEL_STUDIO_API_KEY": "label_studio_api_key",
     "LOCAL_FILES_DOCUMENT_ROOT": "local_files_root",
@@ -212,6 +219,10 @@ def validate(settings: Settings) -> None:
         raise ValueError("MAX_TASKS_PER_CALL must be at least 1")
     if settings.max_concurrent_embeddings < 1:
         raise ValueError("MAX_CONCURRENT_EMBEDDINGS must be at least 1")
+    if settings.decode_threads < 0:
+        raise ValueError(f"DECODE_THREADS={settings.decode_threads}: use 1 or more threads, or 0 for the default")
+    if not 0 <= settings.encoder_nice <= 19:
+        raise ValueError(f"ENCODER_NICE={settings.encoder_nice}: use 0 (same priority as clicks) to 19 (lowest)")
     if settings.max_label_config_bytes < 1:
         raise ValueError("MAX_LABEL_CONFIG_BYTES must be at least 1")
     if settings.max_labels < 1:

@@ -22,12 +22,16 @@ def load(settings: Settings) -> Predictor:
 
         encoder, decoder = settings.onnx_paths
         version = f"{settings.model_name}-onnx-{_short_digest(decoder)}"
-        return OnnxSamPredictor.load(encoder, decoder, model_version=version, threads=settings.ort_threads)
+        return OnnxSamPredictor.load(encoder, decoder, model_version=version, threads=settings.ort_threads,
+                                     decode_threads=settings.decode_threads, encoder_nice=settings.encoder_nice,
+                                     encoder_workers=settings.max_concurrent_embeddings)
     from advanced_sam import TorchSamPredictor
 
     version = f"{settings.model_name}-{_short_digest(settings.checkpoint)}"
     return TorchSamPredictor.load(settings.model_type, settings.checkpoint, settings.device, model_version=version,
-                                  threads=settings.torch_threads)
+                                  threads=settings.torch_threads, decode_threads=settings.decode_threads,
+                                  encoder_nice=settings.encoder_nice,
+                                  encoder_workers=settings.max_concurrent_embeddings)
 
 
 def _short_digest(path: Path) -> str:

@@ -415,3 +415,33 @@ def test_vit_b_random_weights_export(tmp_path):
         got_low, _ = predictor.decode_low_res(expected, prompt)
         np.testing.assert_allclose(got_low, expected_low, atol=1e-3 * max(1.0, float(np.abs(expected_low).max())),
                                    err_msg=kind)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_the_encoder_pool_runs_at_lower_priority_and_the_decoder_has_no_pool(onnx_files, onnx_predictor):
+    """Clicks before embeddings (issue #16): the encoder session is opened on its lane, so ONNX Runtime's pool
+    threads inherit ENCODER_NICE; the decoder with DECODE_THREADS=1 runs in its caller's thread only. Masks are
+    those of the default session options."""
+    def threads() -> dict[int, int]:
+        nice = {}
+        for task in os.listdir("/proc/self/task"):
+            try:
+                nice[int(task)] = int(open(f"/proc/self/task/{task}/stat").read().rsplit(")", 1)[1].split()[16])
+            except OSError:
+                pass
+        return nice
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    before = set(threads())
+    predictor = OnnxSamPredictor.load(*onnx_files, model_version="lanes", threads=3, decode_threads=1,
+                                      encoder_nice=7)
+    new = {tid: nice for tid, nice in threads().items() if tid not in before}
+    # the lane's thread and the encoder's 2 pool threads (3 intra-op threads: the caller is the third), no more
+    assert sorted(new.values()) == [min(base + 7, 19)] * 3
+    from tools.harness.recordings import CHELSEA
+
+    image = np.ascontiguousarray(CHELSEA)
+    embedding = predictor.embed(image)
+    point = Prompt(points=np.array([[200.0, 150.0]], np.float32), labels=np.ones(1, np.int32))
+    assert np.array_equal(predictor.decode(embedding, point).mask,
+                          onnx_predictor.decode(onnx_predictor.embed(image), point).mask)

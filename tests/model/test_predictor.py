@@ -1,6 +1,9 @@
 """The torch predictor with real MobileSAM weights on real photos and on images with known masks."""
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -136,3 +139,47 @@ def test_eval_after_loading_refreshes_tinyvit_attention_biases(mobile_sam_checkp
     stale = [m for m in model.image_encoder.modules()
              if hasattr(m, "ab") and not torch.equal(m.ab, m.attention_biases[:, m.attention_bias_idxs])]
     assert not stale
+
+
+def _nice_of_threads() -> dict[int, int]:
+    """tid -> nice value of every thread of this process (field 19 of /proc/self/task/<tid>/stat)."""
+    values = {}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            stat = open(f"/proc/self/task/{task}/stat").read()
+        except OSError:
+            continue
+        values[int(task)] = int(stat.rsplit(")", 1)[1].split()[16])
+    return values
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_the_encoder_runs_at_lower_priority_and_decodes_single_threaded(mobile_sam_checkpoint):
+    """Clicks before embeddings (issue #16): the embedding's threads, OpenMP's included, run at ENCODER_NICE; a
+    decode runs in its caller's thread with DECODE_THREADS=1, at the caller's priority, and its masks are those of
+    the default thread count."""
+    predictor = advanced_sam.TorchSamPredictor.load("vit_t", mobile_sam_checkpoint, "cpu", threads=2,
+                                                    decode_threads=1, encoder_nice=7)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    before = set(_nice_of_threads())
+    seen: list[int] = []
+    original = predictor.model.image_encoder.forward
+
+    def spy(*args, **kwargs):  # inside the encoder: which thread, at which priority, how many intra-op threads
+        seen.extend([os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), torch.get_num_threads()])
+        return original(*args, **kwargs)
+
+    predictor.model.image_encoder.forward = spy
+    image = scene("ellipse-chelsea-gravel").image
+    embedding = predictor.embed(image)
+    assert seen == [min(base + 7, 19), 2]
+    new_threads = {tid: nice for tid, nice in _nice_of_threads().items() if tid not in before}
+    assert new_threads and set(new_threads.values()) == {min(base + 7, 19)}  # the lane and its OpenMP team
+
+    truth = scene("ellipse-chelsea-gravel").mask
+    points, labels = click(*interior_point(truth))
+    single = predictor.decode(embedding, Prompt(points, labels))
+    assert torch.get_num_threads() == 1 and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+    predictor.decode_threads = 0
+    default = predictor.decode(embedding, Prompt(points, labels))
+    assert iou(single.mask, default.mask) >= 0.999 and iou(single.mask, truth) >= 0.85

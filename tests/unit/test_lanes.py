@@ -1,0 +1,47 @@
+"""sam.lanes: the encoder's threads run at a lower CPU priority, and so do the threads they start."""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import pytest
+
+from sam_backend.sam.lanes import EncoderLane
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+
+
+def own_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_lane_threads_and_the_threads_they_start_run_at_the_lowered_priority():
+    base = own_nice()
+    lane = EncoderLane(nice=5, workers=2)
+    try:
+        assert lane.run(own_nice) == min(base + 5, 19)
+        started: list[int] = []
+
+        def spawn() -> None:  # as OpenMP and ONNX Runtime start their pools from the thread that first needs them
+            child = threading.Thread(target=lambda: started.append(own_nice()))
+            child.start()
+            child.join()
+
+        lane.run(spawn)
+        assert started == [min(base + 5, 19)]
+    finally:
+        lane.close()
+    assert own_nice() == base  # the caller's own priority is untouched
+
+
+def test_a_lane_at_nice_0_keeps_the_priority_and_passes_results_and_errors_back():
+    lane = EncoderLane(nice=0)
+    try:
+        assert lane.run(own_nice) == own_nice()
+        assert lane.run(lambda a, b=0: a + b, 2, b=3) == 5
+        with pytest.raises(ZeroDivisionError):
+            lane.run(lambda: 1 / 0)
+        assert lane.run(lambda: "still serving") == "still serving"
+    finally:
+        lane.close()
