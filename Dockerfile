@@ -50,10 +50,7 @@ COPY sam_backend/ ./sam_backend/
 COPY tools/__init__.py tools/weights.py ./tools/
 RUN python -m tools.weights mobile_sam
 # The exporter's own needs (onnxscript for torch's dynamo exporter, scikit-image for the photos it checks the
-# ONNX masks on against torch) are in requirements-dev.txt: the set CI tests it with. Only this stage has them.
-COPY requirements-dev.txt ./
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -r requirements-dev.txt
+# ONNX masks on against torch) are in requirements.txt, as `make run` exports too.
 COPY *.py ./
 RUN case "${ONNX}" in \
       true|1|yes) python onnx_converter.py --model-type vit_t --checkpoint models/mobile_sam.pt --out-dir models ;; \
