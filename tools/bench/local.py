@@ -59,6 +59,7 @@ class LocalPredictor:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="local-predictor")
         self._warmed_up = False
         self.as_float32: dict[str, Any] = {}
+        self.reference: dict[str, Any] = {}  # size -> the model's own SamPredictor, image set (torch only)
 
     def _in_thread(self, function: Callable, *args):
         return self._thread.submit(function, *args).result()
@@ -97,6 +98,14 @@ class LocalPredictor:
             # The very same values as float32: decoding from these instead shows what the cast costs per click
             self.as_float32[size] = replace(cached, features=cached.features.astype(np.float32))
         self.images[size], self.pixels[size] = image, pixels
+        model = getattr(self.predictor, "model", None)
+        if model is not None:  # torch: the model's own predictor on the same weights, what a script would call
+            if self.settings.model_type == "vit_t":
+                from mobile_sam import SamPredictor
+            else:
+                from segment_anything import SamPredictor
+            self.reference[size] = SamPredictor(model)
+            self.reference[size].set_image(pixels)
         for x, y in image.clicks(2, seed=0):  # first runs allocate; not counted
             self.predictor.decode(self.cache.get_or_compute(size, _unreachable), self.prompt(image, x, y))
         return {"jpeg_bytes": len(data), "fetch_ms": round(fetch_ms, 2), "sha256_ms": round(sha_ms, 2),
@@ -133,6 +142,15 @@ class LocalPredictor:
         to_json, text = timed(lambda: json.dumps(answer))
         parts = {"bare": bare, "bare_cpu": bare_cpu, "decoder": decoder, "upscale": upscale, "rle": encode,
                  "json": to_json, "answer_bytes": len(text)}
+        if size in self.reference:
+            import torch
+
+            from advanced_sam import DEFAULT_THREADS
+
+            torch.set_num_threads(DEFAULT_THREADS)  # as a script calling SamPredictor has it
+            point = np.array([[x * image.width / 100, y * image.height / 100]], np.float32)
+            parts["reference"] = timed(lambda: self.reference[size].predict(
+                point_coords=point, point_labels=np.array([1]), multimask_output=True))[0]
         if size in self.as_float32:
             # after a pause too: the first decode after an idle spell is the slower one (torch: ~20 ms slower)
             time.sleep(pause)
@@ -151,6 +169,7 @@ class LocalPredictor:
         self.predictor = None
         self.cache = None
         self.pixels.clear()
+        self.reference.clear()
         gc.collect()
 
 

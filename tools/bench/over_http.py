@@ -261,7 +261,8 @@ def http_run(mode: str, env: dict[str, str], plan: Plan, images: ImageSet, sizes
     clicks = {}
     for size, rows in parts.items():
         clicks[size] = {key: summary([row[key] for row in rows])
-                        for key in ("bare", "bare_cpu", "decoder", "upscale", "rle", "json", "bare_fp32_features")
+                        for key in ("bare", "bare_cpu", "decoder", "upscale", "rle", "json", "bare_fp32_features",
+                                    "reference")
                         if all(key in row for row in rows)}
         clicks[size]["answer_bytes"] = rows[0]["answer_bytes"] if rows else None
         # what the server spends beyond the measured parts: HTTP, Flask, body parsing, image download and hash

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from tools.bench.plan import (RECORDED_ENV, ROOT, TARGET_EMBED_INT8_S, TARGET_EMBED_ONNX_S, TARGET_P95_8_USERS_MS,
-                              TARGET_PREWARM_OVER_WARM, TARGET_RSS_ONNX_MB, TARGET_WARM_ONNX_MS, TARGET_WARM_OVER_BARE)
+                              TARGET_PREWARM_OVER_WARM, TARGET_RSS_ONNX_MB, TARGET_WARM_ONNX_MS, TARGET_WARM_OVER_BARE,
+                              TARGET_WARM_OVER_REFERENCE)
 
 
 # ---- statistics and machine ---------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def fmt(value: Any, digits: int = 1) -> str:
 
 
 def evaluate(results: dict) -> list[dict]:
-    """Each target of issue #5: measured value, limit, met or missed and by how much."""
+    """Each target of issues #5 and #16: measured value, limit, met or missed and by how much."""
     targets = []
 
     def add(name: str, value: float | None, limit: float, unit: str) -> None:
@@ -126,6 +127,10 @@ def evaluate(results: dict) -> list[dict]:
         bare = local["sizes"].get(main, {}).get("bare", {}).get("p50")
         if warm and bare:
             add(f"{mode}: warm click {main} p50 / bare decoder p50", warm / bare, TARGET_WARM_OVER_BARE, "x")
+        reference = local["sizes"].get(main, {}).get("reference", {}).get("p50")
+        if warm and reference:
+            add(f"{mode}: warm click {main} p50 / SamPredictor.predict p50", warm / reference,
+                TARGET_WARM_OVER_REFERENCE, "x")
         if mode.startswith("onnx"):
             add(f"{mode}: warm click {main} p50", warm, TARGET_WARM_ONNX_MS, "ms")
         prewarmed = http["prewarmed_first_click_ms"]["p50"]
@@ -182,6 +187,15 @@ def report(results: dict) -> str:
                 f" {fmt(http['downloads_per_warm_click'][size], 1):>4}"
                 f"  {http['loadavg_before'][0]} / {fmt(http['cpu_pressure_avg60_before'])}%")
     add("  (GETs: image downloads from Label Studio per warm click)")
+    for mode in modes:
+        local = results["modes"][mode]["in_process"]
+        for size in results["sizes"]:
+            reference = local["sizes"][size].get("reference", {}).get("p50")
+            warm = results["modes"][mode]["http"]["warm_ms"][size]["p50"]
+            if reference and warm:
+                add(f"{mode}: warm click {size} over HTTP {fmt(warm)} ms vs the model's own SamPredictor.predict "
+                    f"(multimask, default threads, in-process) {fmt(reference)} ms: {fmt(warm / reference, 2)}x"
+                    + (f" (target <= {TARGET_WARM_OVER_REFERENCE}x)" if size == main else ""))
     add("")
     add("Breakdown of a warm click (ms). In-process medians of the same prompts, each taken between two HTTP"
         " clicks: bare decode (the first after a pause, as the server's), of which decoder and mask upscaling"
