@@ -1,7 +1,16 @@
 """Label Studio JSON export -> COCO instance segmentation JSON, brush masks as COCO compressed RLE.
 
     python -m tools.export_coco export.json -o coco.json [--polygons polygon|rle] [--predictions] [--latest]
-                          [--image-key image] [--alpha-threshold 128]
+                          [--image-key image] [--alpha-threshold 128] [--masks rle|polygon]
+    python -m tools.export_coco export.json --dataset FOLDER [--yolo] [--mmdet-config] [same options]
+
+`--dataset` writes a training set instead of one file (tools/dataset/: annotations/ann.json, images/ fetched
+with the server's image settings and credentials from the environment, classes.txt; labels/ + data.yaml with
+`--yolo`; mask_rcnn_config.py with `--mmdet-config`), complete or not at all, and prints the class list in
+category-id order. `--masks polygon` stores brush masks as COCO polygons, one per part with its holes joined in
+(`--tolerance`, `--min-area`; sam_backend/encoding/yolo.py says what that loses). Brush masks without a pixel at
+the alpha threshold are left out; messages on stderr name the tasks left out and those with several
+annotations.
 
 Input: what Label Studio's "Export -> JSON" gives, a list of tasks, each with `data` (the image URL under
 `--image-key`, default: `image`, else the task's only string value) and `annotations[].result` holding

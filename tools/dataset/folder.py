@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sam_backend.encoding import yolo
+from sam_backend.encoding.yolo import EXPORT_TOLERANCE
 from sam_backend.images import ImageLoader
 from tools.dataset import mmdet_config, yolo_labels
 from tools.dataset.images import Wanted, fetch_all, unique_names
@@ -26,7 +26,7 @@ class DatasetError(Exception):
 class Options:
     yolo: bool = False
     mmdet_config: bool = False
-    tolerance: float = yolo.EXPORT_TOLERANCE  # pixels, YOLO polygons of masks
+    tolerance: float = EXPORT_TOLERANCE  # pixels, YOLO polygons of masks
     min_area: int = 16  # pixels, YOLO polygons of masks
     workers: int = 4
     progress: bool = True
