@@ -4,6 +4,7 @@ stand-in Label Studio with its token; COCO decoded by pycocotools equals the mas
 keep IoU >= 0.98; tasks without masks, empty masks, several annotators and unfetchable images."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import runpy
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import cv2
 import numpy as np
@@ -22,12 +24,20 @@ from sam_backend.encoding import outlines, rle, yolo
 from tools import export_coco
 from tools.harness.recordings import CHELSEA, recorded, with_image
 from tools.harness.scenes import interior_point, iou
-from tools.harness.stub_label_studio import TOKEN
+from tools.harness.stub_label_studio import TOKEN, FakeLabelStudio
 
 ROOT = Path(__file__).resolve().parents[2]
 GRABCUT = ROOT.parent / "shared" / "datasets" / "GrabCut_BSDS20"
 GRABCUT_PHOTOS = ("106024", "153077", "304074")  # 304074: the mask that loses most at a 1 px tolerance
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+SEGMENTS = ("brushlabels", "polygonlabels")
+CAT_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="Cat"/><Label value="Dog"/></BrushLabels>
+  <KeyPointLabels name="tag2" toName="image" smart="true"><Label value="Cat" smart="true"/>
+    <Label value="Dog" smart="true"/></KeyPointLabels>
+  <PolygonLabels name="poly" toName="image"><Label value="Cat"/></PolygonLabels>
+</View>"""
 
 
 def _jpeg(image: np.ndarray) -> bytes:
@@ -51,12 +61,14 @@ def photos(fake_label_studio) -> dict[int, tuple[str, bytes, np.ndarray | None]]
 
 @pytest.fixture(scope="module")
 def answered(live_backend, photos) -> dict[int, list[dict]]:
-    """task id -> the regions the backend answered over HTTP: CHELSEA from the recorded Cat clicks, each
-    GrabCut photo from one Dog click at its object's most interior point."""
+    """task id -> the regions the backend answered over HTTP: CHELSEA from the recorded Cat clicks (a brush mask
+    and polygons), each GrabCut photo from one Dog click at its object's most interior point (a brush mask)."""
     results = {}
     for task_id, (path, data, truth) in photos.items():
         body = with_image(recorded("keypoints_positive_and_negative"), path, task_id=task_id)
-        if truth is not None:
+        if truth is None:
+            body["label_config"] = CAT_CONFIG
+        else:
             height, width = truth.shape
             x, y = interior_point(truth)
             click = body["params"]["context"]["result"][0]
@@ -108,7 +120,10 @@ def test_dataset_round_trip(photos, answered, fake_label_studio, tmp_path):
     images = {image["id"]: image for image in coco["images"]}
     assert sorted(images) == sorted(photos)
     coco_mask = pytest.importorskip("pycocotools.mask")
-    sources = {task_id: [r for r in regions if r["type"] == "brushlabels"] for task_id, regions in answered.items()}
+    coco_api = pytest.importorskip("pycocotools.coco").COCO
+    sources = {task_id: [r for r in regions if r["type"] in SEGMENTS] for task_id, regions in answered.items()}
+    assert any(r["type"] == "polygonlabels" for r in sources[701])
+    api = coco_api(str(target / "annotations" / "ann.json"))  # what mmdetection's loader and evaluator read
     ious, painted_ious = [], []
     for task_id, (path, data, _) in photos.items():
         image = images[task_id]
@@ -119,13 +134,19 @@ def test_dataset_round_trip(photos, answered, fake_label_studio, tmp_path):
         lines = (target / "labels" / (Path(path).stem + ".txt")).read_text().splitlines()
         assert len(lines) == len(annotations)
         for annotation, region, line in zip(annotations, sources[task_id], lines):
+            index, ring = yolo.parse_line(line, image["width"], image["height"])
+            assert index == annotation["category_id"] - 1
+            label = region["value"][region["type"]][0]
+            assert names[annotation["category_id"] - 1] == label
+            if region["type"] == "polygonlabels":  # a Label Studio polygon goes to YOLO as it is
+                points = np.array(region["value"]["points"]) * [image["width"] / 100, image["height"] / 100]
+                assert np.allclose(ring, points, atol=1e-6 * image["width"])
+                continue
             source = _mask(region)
+            assert np.array_equal(api.annToMask(annotation).astype(bool), source)
             encoded = dict(annotation["segmentation"], counts=annotation["segmentation"]["counts"].encode())
             assert np.array_equal(coco_mask.decode(encoded).astype(bool), source)
             assert annotation["area"] == int(source.sum()) == coco_mask.area(encoded)
-            assert names[annotation["category_id"] - 1] == region["value"]["brushlabels"][0]
-            index, ring = yolo.parse_line(line, image["width"], image["height"])
-            assert index == annotation["category_id"] - 1
             ious.append(iou(outlines.rasterise([ring], *source.shape), source))
             painted = np.zeros(source.shape, np.uint8)  # as Ultralytics builds its training masks
             cv2.fillPoly(painted, [np.round(ring).astype(np.int32)], 1)
@@ -147,8 +168,11 @@ def test_dataset_round_trip(photos, answered, fake_label_studio, tmp_path):
 def test_masks_as_coco_polygons_keep_holes_and_parts(photos, answered):
     coco_mask = pytest.importorskip("pycocotools.mask")
     coco, _ = export_coco.convert(_export(photos, answered), masks="polygon")
-    for annotation, region in zip(coco["annotations"], (r for regions in answered.values() for r in regions
-                                                        if r["type"] == "brushlabels")):
+    regions = [r for regions in answered.values() for r in regions if r["type"] in SEGMENTS]
+    assert len(regions) == len(coco["annotations"])
+    for annotation, region in zip(coco["annotations"], regions):
+        if region["type"] != "brushlabels":
+            continue
         source = _mask(region)
         assert isinstance(annotation["segmentation"], list) and annotation["area"] == int(source.sum())
         polygons = coco_mask.frPyObjects(annotation["segmentation"], *source.shape)
@@ -164,8 +188,8 @@ def test_several_annotators_and_latest(photos, answered, fake_label_studio, tmp_
     done = _run(tmp_path, tasks, "--dataset", str(tmp_path / "all"), "--yolo", url=fake_label_studio.url)
     assert done.returncode == 0, done.stderr
     assert "task 701: 2 annotations (several annotators?)" in done.stderr and "--latest" in done.stderr
-    brushes = sum(r["type"] == "brushlabels" for r in cat)
-    assert len((tmp_path / "all" / "labels" / "chelsea.txt").read_text().splitlines()) == brushes + 1
+    objects = sum(r["type"] in SEGMENTS for r in cat)
+    assert len((tmp_path / "all" / "labels" / "chelsea.txt").read_text().splitlines()) == objects + 1
     done = _run(tmp_path, tasks, "--dataset", str(tmp_path / "latest"), "--yolo", "--latest",
                 url=fake_label_studio.url)
     assert done.returncode == 0 and "several annotators" not in done.stderr
@@ -218,3 +242,59 @@ def test_images_that_cannot_be_fetched_leave_no_dataset(photos, answered, fake_l
     done = _run(tmp_path, [good], "--dataset", str(tmp_path / "taken"), "--force", url=fake_label_studio.url)
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "taken" / "keep.txt").exists() and _left_in(tmp_path) == ["export.json", "taken"]
+
+
+class PresigningLabelStudio(FakeLabelStudio):
+    """Label Studio with a cloud storage: GET /tasks/<id>/presign/?fileuri=<base64 URI> (with the token) answers
+    303 to a presigned URL, which serves the object without Label Studio's token (as S3 would)."""
+
+    def __init__(self) -> None:
+        super().__init__(TOKEN)
+        self.objects: dict[str, bytes] = {}  # s3:// URI -> bytes
+        self.presigned: list[str] = []
+
+    def app(self, h, body: bytes) -> None:
+        parts = urlsplit(h.path)
+        if parts.path.startswith("/presigned/"):
+            return h.send(200, self.objects[unquote(parts.path[len("/presigned/"):])], {"Content-Type": "image/jpeg"})
+        if not self.authorized(h.headers.get("Authorization")):
+            return h.send(401, b"{}", {"Content-Type": "application/json"})
+        if "/presign/" in parts.path:
+            uri = base64.urlsafe_b64decode(parse_qs(parts.query)["fileuri"][0]).decode()
+            self.presigned.append(uri)
+            return h.send(303, headers={"Location": f"{self.url}/presigned/{quote(uri, safe='')}?X-Amz-Signature=s"})
+        self.serve_file(h)
+
+
+def test_cloud_storage_and_local_files_are_fetched_as_the_server_does(photos, answered, tmp_path):
+    """s3:// through Label Studio's presign endpoint for the task; /data/local-files/ from
+    LOCAL_FILES_DOCUMENT_ROOT; a Label Studio upload with the token."""
+    ls = PresigningLabelStudio()
+    try:
+        chelsea = photos[701][1]
+        ls.objects["s3://bucket/cats/chelsea.jpg"] = chelsea
+        ls.files["/data/upload/9/upload.jpg"] = chelsea
+        root = tmp_path / "root"
+        (root / "photos").mkdir(parents=True)
+        (root / "photos" / "local.jpg").write_bytes(chelsea)
+        regions = answered[701][:1]
+        tasks = [{"id": 731, "data": {"image": "s3://bucket/cats/chelsea.jpg"}, "annotations": [{"result": regions}]},
+                 {"id": 732, "data": {"image": "/data/local-files/?d=photos/local.jpg"},
+                  "annotations": [{"result": regions}]},
+                 {"id": 733, "data": {"image": f"{ls.url}/data/upload/9/upload.jpg"},
+                  "annotations": [{"result": regions}]}]
+        source = tmp_path / "export.json"
+        source.write_text(json.dumps(tasks))
+        env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN,
+                   LOCAL_FILES_DOCUMENT_ROOT=str(root))
+        done = subprocess.run([sys.executable, "-m", "tools.export_coco", str(source), "--dataset",
+                               str(tmp_path / "ds"), "--no-progress"], check=False, capture_output=True, text=True,
+                              timeout=300, cwd=ROOT, env=env)
+        assert done.returncode == 0, done.stderr
+        assert ls.presigned == ["s3://bucket/cats/chelsea.jpg"]
+        assert [r["path"] for r in ls.requests if "local" in r["path"]] == []  # read from the root, not fetched
+        images = sorted((tmp_path / "ds" / "images").iterdir())
+        assert [p.name for p in images] == ["chelsea.jpg", "local.jpg", "upload.jpg"]
+        assert all(p.read_bytes() == chelsea for p in images)
+    finally:
+        ls.close()

@@ -6,6 +6,11 @@ Nothing here imports mmdetection: the file is text. It inherits mmdetection's ow
 both heads, and the data root, annotation file and image folder for train, val and test (the same images: split
 them yourself). Train with `python tools/train.py <folder>/mask_rcnn_config.py` in an mmdetection checkout, or
 `mim train mmdet <folder>/mask_rcnn_config.py`.
+
+Masks: the base config loads them as bitmaps (`LoadAnnotations(with_mask=True)`, poly2mask on), which reads the
+default compressed RLE; a pipeline with `poly2mask=False` (PolygonMasks) ignores RLE instances, so export with
+`--masks polygon` for one. Checked here only as Python (tests/model/test_export_dataset.py runs it and reads its
+values), not loaded by mmengine or trained.
 """
 from __future__ import annotations
 
@@ -26,10 +31,10 @@ model = dict(
         bbox_head=dict(num_classes=num_classes),
         mask_head=dict(num_classes=num_classes)))
 
-_data = dict(data_root=data_root, metainfo=metainfo, ann_file="annotations/ann.json",
-             data_prefix=dict(img="images/"))
-train_dataloader = dict(batch_size=2, dataset=_data)
-val_dataloader = dict(dataset=_data)
+dataset = dict(data_root=data_root, metainfo=metainfo, ann_file="annotations/ann.json",
+               data_prefix=dict(img="images/"))
+train_dataloader = dict(batch_size=2, dataset=dataset)
+val_dataloader = dict(dataset=dataset)
 test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + "annotations/ann.json", metric=["bbox", "segm"])
 test_evaluator = val_evaluator
