@@ -20,11 +20,14 @@ Polygons (`polygons`):
 * components smaller than `min_area` pixels (SAM's speckles) are dropped; a component whose simplified
   polygon would have fewer than 3 points keeps its unsimplified border.
 
+`parts` keeps the holes: each component's outer border with the borders of its holes (for formats that can
+hold them: COCO and YOLO polygons joined by zero-width bridges, `sam_backend.encoding.yolo`).
+
 The box (`bounding_box`) is the tight box of all the mask's pixels.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -62,25 +65,81 @@ def polygons(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
     # contour runs through the border pixels of those blocks, and (i + 1) // 2 takes each border pixel index
     # to the pixel corner it stands for: index 2x (left / top border) -> x, 2x + 1 (right / bottom) -> x + 1.
     # A concave corner's diagonal step and a corner two components share map onto one corner each.
-    doubled = cv2.resize(crop, (crop.shape[1] * 2, crop.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
-    contours, _ = cv2.findContours(doubled, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    contours, _ = cv2.findContours(_doubled(crop), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     found = []
     for contour in contours:
-        corners = (contour[:, 0, :] + 1) // 2
-        corners = corners[np.any(corners != np.roll(corners, 1, axis=0), axis=1)]
-        if len(corners) < 3:
-            continue
-        area = pixel_area(corners)
-        if area < max(min_area, 1):
-            continue
-        border = corners.astype(np.int32)
-        if tolerance > 0:
-            simplified = cv2.approxPolyDP(border.reshape(-1, 1, 2), float(tolerance), True)[:, 0, :]
-            if len(simplified) >= 3:
-                border = simplified
-        found.append((area, border + np.array([left, top], np.int32)))
+        ring = _ring(contour, tolerance, min_area)
+        if ring is not None:
+            found.append((ring[0], ring[1] + np.array([left, top], np.int32)))
     found.sort(key=lambda item: -item[0])
     return [border for _, border in found]
+
+
+def _doubled(crop: np.ndarray) -> np.ndarray:
+    """The (h, w) uint8 crop upsampled 2x (nearest), so that its contours run along the pixels' edges."""
+    return cv2.resize(crop, (crop.shape[1] * 2, crop.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
+
+
+def _ring(contour: np.ndarray, tolerance: float, min_area: int) -> tuple[float, np.ndarray] | None:
+    """(area, (N, 2) int32 pixel corners) of a contour of the doubled crop, simplified at `tolerance`; None when
+    it encloses fewer than max(min_area, 1) pixels.
+
+    Outer contours and hole contours (RETR_CCOMP's children) map alike: a hole's contour runs through the object
+    pixels around it, at doubled index 2x - 1 (left of hole pixel x) or 2x + 2 (right of it), and (i + 1) // 2
+    takes those to x and x + 1, the hole's own pixel edges.
+    """
+    corners = (contour[:, 0, :] + 1) // 2
+    corners = corners[np.any(corners != np.roll(corners, 1, axis=0), axis=1)]
+    if len(corners) < 3:
+        return None
+    area = pixel_area(corners)
+    if area < max(min_area, 1):
+        return None
+    border = corners.astype(np.int32)
+    if tolerance > 0:
+        simplified = cv2.approxPolyDP(border.reshape(-1, 1, 2), float(tolerance), True)[:, 0, :]
+        if len(simplified) >= 3:
+            border = simplified
+    return area, border
+
+
+def parts(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
+          min_area: int = DEFAULT_MIN_AREA) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """The mask's 8-connected components with their holes, largest first: (outer, holes), each (N, 2) int32
+    x, y pixel corners, simplified at `tolerance` like `polygons`.
+
+    Unlike `polygons`, holes are kept (the 4-connected background regions a component encloses), and an island
+    inside a hole is a component of its own; components and holes of fewer than `min_area` pixels are dropped
+    (a dropped hole is filled). At tolerance 0 and min_area 0 the exclusive or of all the rings' `rasterise`
+    is the mask again.
+    """
+    mask = check_mask(mask)
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+    if not mask.any():
+        return []
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    top, left = int(rows[0]), int(cols[0])
+    crop = np.pad(mask[top:rows[-1] + 1, left:cols[-1] + 1].astype(np.uint8), 1)  # so no hole touches the edge
+    contours, hierarchy = cv2.findContours(_doubled(crop), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    shift = np.array([left - 1, top - 1], np.int32)  # undo the crop and the padding
+    found = []
+    for index, contour in enumerate(contours):
+        if hierarchy[0][index][3] != -1:  # a hole: taken with its component below
+            continue
+        outer = _ring(contour, tolerance, min_area)
+        if outer is None:
+            continue
+        holes = []
+        child = hierarchy[0][index][2]
+        while child != -1:
+            hole = _ring(contours[child], tolerance, min_area)
+            if hole is not None:
+                holes.append(hole[1] + shift)
+            child = hierarchy[0][child][0]
+        found.append((outer[0], outer[1] + shift, holes))
+    found.sort(key=lambda item: -item[0])
+    return [(outer, holes) for _, outer, holes in found]
 
 
 def pixel_area(corners: np.ndarray) -> float:
