@@ -52,15 +52,10 @@ def polygons(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
 
     Holes are filled (see the module docstring); tolerance 0 keeps the exact pixel border.
     """
-    mask = check_mask(mask)
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
-    if not mask.any():
+    found_crop = _bounding_crop(mask, tolerance)
+    if found_crop is None:
         return []
-    # Work on the bounding box only: the 2x-upsampled copy of a big image's mask would be large.
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    top, left = int(rows[0]), int(cols[0])
-    crop = mask[top:rows[-1] + 1, left:cols[-1] + 1].astype(np.uint8)
+    crop, top, left = found_crop
     # In the 2x-upsampled mask, pixel (x, y) of the original covers (2x..2x+1, 2y..2y+1); its 8-connected
     # contour runs through the border pixels of those blocks, and (i + 1) // 2 takes each border pixel index
     # to the pixel corner it stands for: index 2x (left / top border) -> x, 2x + 1 (right / bottom) -> x + 1.
@@ -73,6 +68,21 @@ def polygons(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
             found.append((ring[0], ring[1] + np.array([left, top], np.int32)))
     found.sort(key=lambda item: -item[0])
     return [border for _, border in found]
+
+
+def _bounding_crop(mask: np.ndarray, tolerance: float) -> tuple[np.ndarray, int, int] | None:
+    """(uint8 crop of the mask's bounding box, its top, its left), or None for an empty mask; checks both inputs.
+
+    Outlines work on the bounding box only: the 2x-upsampled copy of a big image's whole mask would be large.
+    """
+    mask = check_mask(mask)
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+    if not mask.any():
+        return None
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    top, left = int(rows[0]), int(cols[0])
+    return mask[top:rows[-1] + 1, left:cols[-1] + 1].astype(np.uint8), top, left
 
 
 def _doubled(crop: np.ndarray) -> np.ndarray:
@@ -113,14 +123,11 @@ def parts(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
     (a dropped hole is filled). At tolerance 0 and min_area 0 the exclusive or of all the rings' `rasterise`
     is the mask again.
     """
-    mask = check_mask(mask)
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
-    if not mask.any():
+    found_crop = _bounding_crop(mask, tolerance)
+    if found_crop is None:
         return []
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    top, left = int(rows[0]), int(cols[0])
-    crop = np.pad(mask[top:rows[-1] + 1, left:cols[-1] + 1].astype(np.uint8), 1)  # so no hole touches the edge
+    crop, top, left = found_crop
+    crop = np.pad(crop, 1)  # so no hole touches the edge
     contours, hierarchy = cv2.findContours(_doubled(crop), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     shift = np.array([left - 1, top - 1], np.int32)  # undo the crop and the padding
     found = []
