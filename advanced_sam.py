@@ -16,7 +16,7 @@ import torch
 from sam_backend import catalog
 from sam_backend.errors import CheckpointError
 from sam_backend.sam import transforms
-from sam_backend.sam.lanes import EncoderLane
+from sam_backend.sam.lanes import Decodes, EncoderLane
 from sam_backend.sam.types import Embedding, Prediction, Prompt
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,8 @@ class TorchSamPredictor:
 
     On the CPU, the encoder runs on `lane` (threads of lower priority, see `sam.lanes`) with `embed_threads`
     threads (0: torch's default, one per core), and each decode in its caller's thread with `decode_threads`
-    (0: torch's default): a decode is too small to gain from more than one core, and concurrent clicks then
-    run side by side instead of spinning on each other's threads. torch keeps the count per calling thread.
+    threads; 0: every core for a decode that runs alone, one for each of overlapping decodes, which then run
+    side by side instead of spinning on each other's threads. torch keeps the count per calling thread.
     """
 
     def __init__(self, model: torch.nn.Module, model_version: str, device: torch.device, embed_threads: int = 0,
@@ -97,13 +97,14 @@ class TorchSamPredictor:
         self.embed_threads = embed_threads
         self.decode_threads = decode_threads
         self.lane = lane or EncoderLane(nice=0)
+        self._decodes = Decodes()
 
     @classmethod
     def load(cls, model_type: str, checkpoint: Path | None, device: str = "auto", model_version: str | None = None,
              threads: int = 0, decode_threads: int = 0, encoder_nice: int = 0,
              encoder_workers: int = 1) -> TorchSamPredictor:
         """Build and load the model. `threads` > 0: torch's intra-op threads of an embedding (0: one per core);
-        `decode_threads` of a decode (0: as many); `encoder_nice`: how much lower the encoder's CPU priority is;
+        `decode_threads` of a decode (0: every core alone, one when decodes overlap); `encoder_nice`: how much lower the encoder's CPU priority is;
         `encoder_workers`: embeddings that may run at once."""
         torch_device = choose_device(device)
         model = build_sam(model_type, checkpoint, torch_device)
@@ -128,10 +129,14 @@ class TorchSamPredictor:
         low_res, iou = self.decode_low_res(embedding, prompt)
         return transforms.best_prediction(low_res, iou, prompt, embedding)
 
-    @torch.inference_mode()
     def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
         """All four decoder outputs: (4, 256, 256) float32 logits and (4,) predicted IoUs."""
-        _set_threads(self.decode_threads)
+        with self._decodes.running() as alone:
+            _set_threads(self.decode_threads or (DEFAULT_THREADS if alone else 1))
+            return self._decode_low_res(embedding, prompt)
+
+    @torch.inference_mode()
+    def _decode_low_res(self, embedding: Embedding, prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
         coords, labels = transforms.decoder_points(prompt, embedding.original_size)
         mask_input, has_mask = transforms.mask_input_of(prompt)
         features = torch.from_numpy(embedding.features).to(self.device, torch.float32)

@@ -29,7 +29,7 @@ import onnxruntime as ort
 from sam_backend import catalog
 from sam_backend.errors import OnnxModelError
 from sam_backend.sam import transforms
-from sam_backend.sam.lanes import EncoderLane
+from sam_backend.sam.lanes import Decodes, EncoderLane
 from sam_backend.sam.types import Embedding, Prediction, Prompt
 
 log = logging.getLogger(__name__)
@@ -169,19 +169,25 @@ class OnnxSamPredictor:
     """SAM or MobileSAM on ONNX Runtime behind the `predictor.Predictor` interface. Thread-safe, torch-free."""
 
     def __init__(self, encoder: ort.InferenceSession | ImageEncoder, decoder: ort.InferenceSession,
-                 model_version: str, lane: EncoderLane | None = None) -> None:
+                 model_version: str, lane: EncoderLane | None = None,
+                 decoder_single: ort.InferenceSession | None = None) -> None:
+        """`decoder` runs a click that decodes alone; `decoder_single` (one thread), when given, each of
+        overlapping ones."""
         self.encoder = encoder
         self.decoder = decoder
+        self.decoder_single = decoder_single
         self.model_version = model_version
         self.lane = lane or EncoderLane(nice=0)
+        self._decodes = Decodes()
 
     @classmethod
     def load(cls, encoder_path: Path | str | None, decoder_path: Path | str, model_version: str,
              threads: int = 0, encoder: ImageEncoder | None = None,
              providers: Sequence[str] | None = None, decode_threads: int = 0, encoder_nice: int = 0,
              encoder_workers: int = 1) -> OnnxSamPredictor:
-        """Open both models. `threads` and `decode_threads` > 0 set ONNX Runtime's intra-op thread count of the
-        encoder and of the decoder (0: one per core); `providers` defaults to CUDA when
+        """Open both models. `threads` > 0 sets ONNX Runtime's intra-op thread count of the encoder (0: one per
+        core); `decode_threads` > 0 that of the decoder, and 0 opens it twice: on every core for a click that
+        decodes alone, on one thread for each of overlapping clicks. `providers` defaults to CUDA when
         onnxruntime-gpu offers it, else the CPU. The encoder runs on an `EncoderLane` of `encoder_workers`
         threads at `encoder_nice`; its session is opened on that lane, so that its pool threads inherit the
         lane's priority.
@@ -199,12 +205,13 @@ class OnnxSamPredictor:
         else:
             image_encoder = lane.run(open_session, encoder_path, "encoder", threads, providers)
         decoder = open_session(decoder_path, "decoder", decode_threads, providers)
+        single = open_session(decoder_path, "decoder", 1, providers) if decode_threads == 0 else None
         if isinstance(image_encoder, ort.InferenceSession):
             _check_pair(image_encoder, decoder, Path(encoder_path), Path(decoder_path))
         log.info("loaded ONNX SAM %s: encoder %s, decoder %s", model_version,
                  encoder_path if isinstance(image_encoder, ort.InferenceSession) else type(encoder).__name__,
                  decoder_path)
-        return cls(image_encoder, decoder, model_version, lane)
+        return cls(image_encoder, decoder, model_version, lane, decoder_single=single)
 
     def embed(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> Embedding:
         if not isinstance(self.encoder, ort.InferenceSession):
@@ -227,7 +234,14 @@ class OnnxSamPredictor:
             raise ValueError(f"embedding features have shape {embedding.features.shape}, expected {EMBEDDING_SHAPE}")
         coords, labels = transforms.decoder_points(prompt, embedding.original_size)
         mask_input, has_mask = transforms.mask_input_of(prompt)
-        low_res, iou = self.decoder.run(["low_res_masks", "iou_predictions"], {
+        with self._decodes.running() as alone:
+            session = self.decoder if alone or self.decoder_single is None else self.decoder_single
+            return self._run_decoder(session, embedding, coords, labels, mask_input, has_mask)
+
+    @staticmethod
+    def _run_decoder(session: ort.InferenceSession, embedding: Embedding, coords: np.ndarray, labels: np.ndarray,
+                     mask_input: np.ndarray, has_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        low_res, iou = session.run(["low_res_masks", "iou_predictions"], {
             "image_embeddings": np.ascontiguousarray(embedding.features, dtype=np.float32),
             "point_coords": coords,
             "point_labels": labels,

@@ -45,9 +45,9 @@ class Settings:
     onnx_decoder: Path | None = None  # ONNX_DECODER_PATH; default models/<model>.decoder.onnx
     torch_threads: int = 0  # TORCH_NUM_THREADS; 0 = torch's default
     ort_threads: int = 0  # ORT_NUM_THREADS; 0 = onnxruntime's default
-    #: DECODE_THREADS: threads of one click's decode (torch and ONNX Runtime); 1 lets clicks of several users run
-    #: side by side, one per core; 0 = the library's default (every core, for each decode)
-    decode_threads: int = 1
+    #: DECODE_THREADS: threads of one click's decode (torch and ONNX Runtime); 0: every core for a click that runs
+    #: alone, one core each for overlapping clicks (so several users' clicks run side by side)
+    decode_threads: int = 0
     #: ENCODER_NICE: how much lower the CPU priority of embeddings is than that of clicks (Linux nice, 0..19)
     encoder_nice: int = 10
     # Label Studio
@@ -220,7 +220,7 @@ def validate(settings: Settings) -> None:
     if settings.max_concurrent_embeddings < 1:
         raise ValueError("MAX_CONCURRENT_EMBEDDINGS must be at least 1")
     if settings.decode_threads < 0:
-        raise ValueError(f"DECODE_THREADS={settings.decode_threads}: use 1 or more threads, or 0 for the default")
+        raise ValueError(f"DECODE_THREADS={settings.decode_threads}: use 1 or more threads, or 0 (every core alone, one each when clicks overlap)")
     if not 0 <= settings.encoder_nice <= 19:
         raise ValueError(f"ENCODER_NICE={settings.encoder_nice}: use 0 (same priority as clicks) to 19 (lowest)")
     if settings.max_label_config_bytes < 1:

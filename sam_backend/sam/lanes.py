@@ -1,4 +1,5 @@
-"""Clicks before embeddings: the encoder runs in a lane of threads of lower CPU priority.
+"""Clicks before embeddings: the encoder runs in a lane of threads of lower CPU priority, and a click's decode
+uses every core only when it runs alone (`Decodes`).
 
 An embedding keeps every core busy for about a second; a click's decode needs tens of milliseconds. When both want
 the CPU, the kernel's scheduler should give it to the click. Each predictor runs its encoder on an `EncoderLane`:
@@ -16,8 +17,9 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
@@ -50,3 +52,24 @@ class EncoderLane:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Decodes:
+    """Counts the decodes in flight, so that a click that runs alone may use every core and overlapping clicks
+    one core each (more threads than cores only make them wait on each other). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+
+    @contextmanager
+    def running(self) -> Iterator[bool]:
+        """Count one decode while the block runs; yields True when no other decode was running as it began."""
+        with self._lock:
+            alone = self._active == 0
+            self._active += 1
+        try:
+            yield alone
+        finally:
+            with self._lock:
+                self._active -= 1

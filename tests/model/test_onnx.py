@@ -438,10 +438,16 @@ def test_the_encoder_pool_runs_at_lower_priority_and_the_decoder_has_no_pool(onn
     new = {tid: nice for tid, nice in threads().items() if tid not in before}
     # the lane's thread and the encoder's 2 pool threads (3 intra-op threads: the caller is the third), no more
     assert sorted(new.values()) == [min(base + 7, 19)] * 3
+    assert predictor.decoder_single is None
+    adaptive = OnnxSamPredictor.load(*onnx_files, model_version="adaptive", threads=1, decode_threads=0)
+    assert adaptive.decoder_single is not None  # every core for a lone click, one thread each when they overlap
     from tools.harness.recordings import CHELSEA
 
     image = np.ascontiguousarray(CHELSEA)
     embedding = predictor.embed(image)
     point = Prompt(points=np.array([[200.0, 150.0]], np.float32), labels=np.ones(1, np.int32))
-    assert np.array_equal(predictor.decode(embedding, point).mask,
-                          onnx_predictor.decode(onnx_predictor.embed(image), point).mask)
+    reference = onnx_predictor.decode(onnx_predictor.embed(image), point).mask
+    assert np.array_equal(predictor.decode(embedding, point).mask, reference)
+    assert np.array_equal(adaptive.decode(embedding, point).mask, reference)  # alone: the parallel session
+    with adaptive._decodes.running():  # another click in flight: the one-thread session
+        assert np.array_equal(adaptive.decode(embedding, point).mask, reference)

@@ -9,13 +9,17 @@ import pytest
 
 from sam_backend.sam.lanes import EncoderLane
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+
 
 
 def own_nice() -> int:
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+
+
+@linux_only
 def test_lane_threads_and_the_threads_they_start_run_at_the_lowered_priority():
     base = own_nice()
     lane = EncoderLane(nice=5, workers=2)
@@ -45,3 +49,28 @@ def test_a_lane_at_nice_0_keeps_the_priority_and_passes_results_and_errors_back(
         assert lane.run(lambda: "still serving") == "still serving"
     finally:
         lane.close()
+
+
+def test_decodes_say_whether_a_decode_began_alone():
+    from sam_backend.sam.lanes import Decodes
+
+    decodes = Decodes()
+    inside, release = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def first() -> None:
+        with decodes.running() as alone:
+            seen.append(alone)
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert inside.wait(10)
+    with decodes.running() as alone:  # overlaps the first
+        seen.append(alone)
+    release.set()
+    thread.join()
+    with decodes.running() as alone:  # alone again
+        seen.append(alone)
+    assert seen == [True, False, True]
