@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
 from typing import Any, Mapping
 
 from sam_backend.cache import EmbeddingCache, RecentImages
@@ -48,6 +50,9 @@ class SamModel:
         self.memory = memory or PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl)
         self.recent = RecentImages(ttl=settings.image_url_ttl)
         self._projects: BoundedLRU[str, LabelStudioAccess] = BoundedLRU(max_items=256)
+        # Clicks computing at once (decode, mask, results): more than the cores only makes each one slower, and
+        # each holds a mask of its image's size. The others wait their turn (THREADS allows 32 requests).
+        self._clicks = threading.BoundedSemaphore(settings.max_concurrent_decodes or _usable_cpus())
 
     @property
     def model_version(self) -> str:
@@ -135,11 +140,13 @@ class SamModel:
         found = []
         for target, prompt in prompting.assemble(regions, task, config, self.memory, task_key,
                                                  embedding.original_size, self.settings):
-            prediction = self.predictor.decode(embedding, prompt)
-            self.memory.remember_mask(task_key, target, prompt, prediction.low_res_logits)
-            if prediction.mask.any():
-                found += results.mask_results(prediction.mask, prediction.score, target, image_name, config,
-                                              self.settings)
+            with self._clicks:
+                prediction = self.predictor.decode(embedding, prompt)
+                self.memory.remember_mask(task_key, target, prompt, prediction.low_res_logits)
+                if prediction.mask.any():
+                    found += results.mask_results(prediction.mask, prediction.score, target, image_name, config,
+                                                  self.settings)
+                del prediction  # its full-size mask, before the next click may start
         return results.task_result(found, self.model_version)
 
     def _embedding(self, url: str, task: Mapping, fallback: LabelStudioAccess | None, where: str) -> Embedding:
@@ -181,6 +188,10 @@ class SamModel:
             return
         where = _image_field(index, config, image_name)
         self.cache.prewarm(url, lambda: self._embedding(url, task, fallback, where))
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _object(value: Any, where: str) -> Mapping:

@@ -48,6 +48,9 @@ class Settings:
     #: DECODE_THREADS: threads of one click's decode (torch and ONNX Runtime); 0: every core for a click that runs
     #: alone, one core each for overlapping clicks (so several users' clicks run side by side)
     decode_threads: int = 0
+    #: MAX_CONCURRENT_DECODES: clicks decoded at once per worker (each holds a mask of its image's size); 0 = the
+    #: CPUs this process may use. The others wait their turn.
+    max_concurrent_decodes: int = 0
     #: ENCODER_NICE: how much lower the CPU priority of embeddings is than that of clicks (Linux nice, 0..19)
     encoder_nice: int = 10
     # Label Studio
@@ -129,6 +132,7 @@ ENVIRONMENT = {
     "ORT_NUM_THREADS": "ort_threads",
     "DECODE_THREADS": "decode_threads",
     "ENCODER_NICE": "encoder_nice",
+    "MAX_CONCURRENT_DECODES": "max_concurrent_decodes",
     "LABEL_STUDIO_URL": "label_studio_url",
     "LABEL_STUDIO_API_KEY": "label_studio_api_key",
     "LOCAL_FILES_DOCUMENT_ROOT": "local_files_root",
@@ -221,6 +225,8 @@ def validate(settings: Settings) -> None:
         raise ValueError("MAX_CONCURRENT_EMBEDDINGS must be at least 1")
     if settings.decode_threads < 0:
         raise ValueError(f"DECODE_THREADS={settings.decode_threads}: use 1 or more threads, or 0 (every core alone, one each when clicks overlap)")
+    if settings.max_concurrent_decodes < 0:
+        raise ValueError(f"MAX_CONCURRENT_DECODES={settings.max_concurrent_decodes}: use 1 or more, or 0 (one per CPU)")
     if not 0 <= settings.encoder_nice <= 19:
         raise ValueError(f"ENCODER_NICE={settings.encoder_nice}: use 0 (same priority as clicks) to 19 (lowest)")
     if settings.max_label_config_bytes < 1:

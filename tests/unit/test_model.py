@@ -370,3 +370,36 @@ def test_model_imports_no_torch_onnxruntime_flask_or_predictor():
             " if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_at_most_max_concurrent_decodes_clicks_decode_at_once(make):
+    """Clicks beyond MAX_CONCURRENT_DECODES wait their turn (each holds a full-size mask), and all get answers."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, predictor, _ = make(max_concurrent_decodes=2)
+    model.predict(recorded("keypoints_positive_and_negative"))  # embedded once, before the crowd
+    lock, active, most = threading.Lock(), [0], [0]
+    decode = predictor.decode
+
+    def slow_decode(embedding, prompt):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.05)
+        try:
+            return decode(embedding, prompt)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    predictor.decode = slow_decode
+    bodies = []
+    for task_id in range(100, 108):
+        body = recorded("keypoints_positive_and_negative")
+        body["tasks"][0]["id"] = task_id
+        bodies.append(body)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(model.predict, bodies))
+    assert most[0] == 2
+    assert all(len(only_result(answer)) == 1 for answer in answers)
