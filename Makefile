@@ -13,10 +13,11 @@ export LS_VENV
 run: install weights
 	$(BIN)/gunicorn -c gunicorn.conf.py --bind $(HOST):$(PORT) _wsgi:app
 
-## test: install the serving and test dependencies, Label Studio (own venv) and Chromium, then run every test
+## test: install the serving and test dependencies, Label Studio (own venv), Chromium and redis-server, then run every test
 test: install-dev weights
 	scripts/install_label_studio.sh
 	scripts/install_browser.sh
+	scripts/install_redis.sh
 	$(BIN)/python -m pytest
 
 $(BIN)/python:
@@ -44,4 +45,5 @@ onnx: install-dev weights
 
 ## bench: latency, memory and RLE numbers on real weights and images; writes artifacts/bench.json
 bench: install-dev weights
+	scripts/install_redis.sh
 	$(BIN)/python -m tools.bench
