@@ -4,8 +4,8 @@ shared prompt memory and embedding cache built on them."""
 from __future__ import annotations
 
 import multiprocessing
-import threading
 import sqlite3
+import threading
 import time
 
 import numpy as np
