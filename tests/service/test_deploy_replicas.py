@@ -9,9 +9,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_deploy_config import (BACKEND_VARIABLES, COMPOSE_FILE, ENV_EXAMPLE, ROOT, clean_environment,
-                                compose_binary, schema_errors)
-from test_deploy_config import compose_schema as compose_schema  # noqa: F401 (a fixture)
+from test_deploy_config import (
+    BACKEND_VARIABLES,
+    COMPOSE_FILE,
+    ENV_EXAMPLE,
+    ROOT,
+    clean_environment,
+    compose_binary,
+    compose_schema,  # noqa: F401 (a fixture this module uses)
+    schema_errors,
+)
 
 from sam_backend import settings
 
@@ -22,7 +29,7 @@ NGINX_CONF = ROOT / "deploy" / "nginx-sam-lb.conf"
 def resolved(env_file: Path | str = "/dev/null", **environment: str) -> dict:
     command = [str(compose_binary()), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), "-f",
                str(REPLICAS_FILE), "--env-file", str(env_file), "config", "--format", "json"]
-    result = subprocess.run(command, capture_output=True, text=True, env=clean_environment(**environment),
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=clean_environment(**environment),
                             timeout=60)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -74,8 +81,8 @@ def test_one_real_load_balancer_is_the_address_label_studio_uses(stack):
 
 def test_the_nginx_config_points_at_the_replicas_with_the_backend_limits():
     text = NGINX_CONF.read_text()
-    assert re.search(r"^\s*server sam:9090 resolve\b", text, re.M), "the compose service and gunicorn's PORT"
-    assert re.search(r"^\s*listen 9090;", text, re.M)
+    assert re.search(r"^\s*server sam:9090 resolve\b", text, re.MULTILINE), "the compose service and gunicorn's PORT"
+    assert re.search(r"^\s*listen 9090;", text, re.MULTILINE)
     assert re.search(r"proxy_pass http://sam_replicas;", text)
     read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", text).group(1))
     assert read_timeout >= 300, "at least Label Studio's ML_TIMEOUT_PREDICT default"
