@@ -40,7 +40,7 @@ def stack() -> dict:
     return resolved()
 
 
-def test_the_variant_resolves_and_matches_the_compose_schema(stack, compose_schema):
+def test_the_variant_resolves_and_matches_the_compose_schema(stack, compose_schema):  # noqa: F811 (the fixture)
     assert set(stack["services"]) == {"label-studio", "sam", "redis", "sam-lb"}
     assert not schema_errors(compose_schema, stack)
     assert resolved(ENV_EXAMPLE)["services"].keys() == stack["services"].keys()
