@@ -47,3 +47,4 @@ onnx: install-dev weights
 bench: install-dev weights
 	scripts/install_redis.sh
 	$(BIN)/python -m tools.bench
+	$(BIN)/python -m tools.bench.shared_state
