@@ -70,11 +70,11 @@ def test_a_lease_has_one_holder_until_released_or_expired(store):
 
 
 def test_the_disk_store_is_bounded_in_bytes_and_drops_the_least_recently_used(tmp_path):
-    store = DiskStore(tmp_path, max_bytes=3 << 20)
+    store = DiskStore(tmp_path, max_bytes=3 << 20, used_resolution=0)
     one_mib = b"x" * (1 << 20)
     for key in "abc":
         store.put("ns", key, one_mib)
-    time.sleep(1.1)  # `used` has a resolution of one second
+    time.sleep(0.05)
     assert store.get("ns", "a") == one_mib  # a is used again: b is now the least recently used
     store.put("ns", "d", one_mib)
     assert [store.get("ns", key) is not None for key in "abcd"] == [True, False, True, True]
@@ -227,3 +227,44 @@ def test_two_caches_on_one_store_embed_once_and_survive_a_corrupt_entry(tmp_path
     assert third.get(("m", "d1")) is None  # corrupt: a miss, and dropped
     third.get_or_compute(("m", "d1"), compute)
     assert len(runs) == 2 and third.computed == 1
+
+
+def test_state_store_defaults_to_a_shared_disk_store_for_more_than_one_worker():
+    from sam_backend import settings
+
+    assert settings.from_environment({}).state_store_spec == "memory"
+    assert settings.from_environment({"WORKERS": "4"}).state_store_spec == f"disk:{settings.DEFAULT_STORE_FOLDER}"
+    assert settings.from_environment({"WORKERS": "4", "STATE_STORE": "memory"}).state_store_spec == "memory"
+    assert settings.from_environment({"STATE_STORE": "redis://h:6379/1"}).state_store_spec == "redis://h:6379/1"
+    for bad in ("disk:", "postgres://x", "mem"):
+        with pytest.raises(ValueError, match="STATE_STORE"):
+            settings.from_environment({"STATE_STORE": bad})
+
+
+def test_health_says_degraded_while_the_store_is_gone_and_answers_stay_200(tmp_path):
+    """SamModel on a Redis that is stopped: /predict answers from local work, /health reports the store."""
+    from model import SamModel
+    from sam_backend.http import create_app
+    from sam_backend.settings import Settings
+    from tools.harness.fake_predictor import FakePredictor
+    from tools.harness.recordings import CHELSEA, recorded, with_image
+    from tools.harness.stub_label_studio import TOKEN, FakeLabelStudio
+
+    label_studio = FakeLabelStudio(TOKEN)
+    server = RedisServer(tmp_path).start()
+    try:
+        path = label_studio.add_image("/data/upload/1/h.jpg", CHELSEA)
+        settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=TOKEN, state_store=server.url)
+        client = create_app(SamModel(FakePredictor(), settings), settings).test_client()
+        body = with_image(recorded("keypoints_positive_and_negative"), path, task_id=3)
+        assert client.post("/predict", json=body).status_code == 200
+        assert client.get("/health").json["state_store"] == {"backend": "redis", "location": server.url,
+                                                              "status": "ok", "faults": 0}
+        server.stop()
+        answer = client.post("/predict", json=body)
+        assert answer.status_code == 200 and answer.json["results"][0]["result"]
+        health = client.get("/health").json
+        assert health["status"] == "UP" and health["state_store"]["status"] == "degraded"
+    finally:
+        server.stop()
+        label_studio.close()
