@@ -81,12 +81,14 @@ def replay(urls: list[str], bodies: list[dict]) -> list[bytes]:
     return answers
 
 
-def per_worker(url: str, calls: int = 60) -> dict[int, dict]:
-    """/metrics of each worker (by pid) that answered one of `calls` fresh connections."""
+def per_worker(url: str, workers: int, calls: int = 1000) -> dict[int, dict]:
+    """/metrics of each worker (by pid), asked on fresh connections until all `workers` answered (or `calls`)."""
     seen = {}
     for _ in range(calls):
         metrics = requests.get(url + "/metrics", timeout=10, headers={"Connection": "close"}).json()
         seen[metrics["worker_pid"]] = metrics
+        if len(seen) == workers:
+            break
     return seen
 
 
@@ -118,7 +120,7 @@ def test_four_workers_with_the_disk_store_answer_byte_for_byte_as_one(start, ima
 
     assert replay([backend.url], session(images)) == reference
 
-    workers = per_worker(backend.url)
+    workers = per_worker(backend.url, 4)
     served = {pid: m["routes"].get("/predict", {}).get("count", 0) for pid, m in workers.items()}
     assert sum(1 for count in served.values() if count) >= 2, f"the calls must have spread over workers: {served}"
     runs = sum(m["state_store"]["encoder_runs"] for m in workers.values())

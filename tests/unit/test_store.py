@@ -268,3 +268,33 @@ def test_health_says_degraded_while_the_store_is_gone_and_answers_stay_200(tmp_p
     finally:
         server.stop()
         label_studio.close()
+
+
+def test_setup_access_reaches_other_workers_only_sealed_and_only_with_the_secret(tmp_path):
+    """/setup on one worker; a second worker with the same STATE_STORE_SECRET fetches the project's images, one
+    with another secret cannot; the token is nowhere in the store's file."""
+    from model import SamModel
+    from sam_backend.errors import ImageError
+    from sam_backend.settings import Settings
+    from tools.harness.fake_predictor import FakePredictor
+    from tools.harness.recordings import CHELSEA, recorded, with_image
+    from tools.harness.stub_label_studio import TOKEN, FakeLabelStudio
+
+    label_studio = FakeLabelStudio(TOKEN)
+    try:
+        path = label_studio.add_image("/data/upload/1/s.jpg", CHELSEA)
+        settings = Settings(state_store=f"disk:{tmp_path}", state_store_secret="shared-secret")
+        first, second = (SamModel(FakePredictor(), settings) for _ in range(2))
+        stranger = SamModel(FakePredictor(), Settings(state_store=f"disk:{tmp_path}", state_store_secret="other"))
+        first.setup({"project": "9.1", "hostname": label_studio.url, "access_token": TOKEN}, peer="127.0.0.1")
+        body = with_image(recorded("keypoints_positive_and_negative"), path, task_id=4)
+        body["project"] = "9.1"
+        assert second.predict(body)["results"][0]["result"]
+        assert label_studio.count(path) == 1
+        with pytest.raises(ImageError, match="no Label Studio is known"):
+            stranger.predict(with_image(recorded("keypoints_positive_and_negative"), "/data/upload/1/t.jpg", 5)
+                             | {"project": "9.1"})
+        assert TOKEN.encode() not in (tmp_path / "state.sqlite3").read_bytes()
+        assert not any(TOKEN.encode() in p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    finally:
+        label_studio.close()

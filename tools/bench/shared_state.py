@@ -94,11 +94,12 @@ def run_configuration(name: str, env: dict[str, str], paths: list[str], clicks: 
 
         with concurrent.futures.ThreadPoolExecutor(USERS) as pool:
             results = list(pool.map(user, range(USERS)))
-        workers = {}
-        for _ in range(80):  # fresh connections reach every worker
+        workers, pids = {}, children(backend.process.pid)
+        for _ in range(1000):  # fresh connections, until every worker has answered
             metrics = requests.get(backend.url + "/metrics", timeout=10, headers={"Connection": "close"}).json()
             workers[metrics["worker_pid"]] = metrics
-        pids = children(backend.process.pid)
+            if len(workers) == len(pids):
+                break
         warm = sorted(t for times, _ in results for t in times)
         return {
             "warm_p50_ms": round(statistics.median(warm), 1),
