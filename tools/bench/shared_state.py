@@ -152,6 +152,33 @@ def store_overhead(redis_url: str, folder: Path, repeats: int = 50) -> dict[str,
     return out
 
 
+def embedding_round_trip(redis_url: str, folder: Path, repeats: int = 30) -> dict:
+    """Bytes of one stored 1920x1080 MobileSAM embedding, and median ms to put / get it, per shared backend."""
+    from sam_backend.cache import pack_embedding, unpack_embedding
+    from sam_backend.sam.types import Embedding
+    from sam_backend.store import open_store
+
+    features = np.random.default_rng(1).standard_normal((1, 256, 64, 64)).astype(np.float16)
+    value = pack_embedding(Embedding(features=features, original_size=(HEIGHT, WIDTH), input_size=(576, 1024)))
+    out = {"bytes": len(value), "features_bytes": features.nbytes}
+    started = time.perf_counter()
+    for _ in range(repeats):
+        unpack_embedding(value)
+    out["unpack_ms"] = round((time.perf_counter() - started) * 1000 / repeats, 2)
+    for name, spec in (("disk", f"disk:{folder / 'round-trip'}"), ("redis", redis_url)):
+        store, puts, gets = open_store(spec), [], []
+        for index in range(repeats):
+            started = time.perf_counter()
+            store.put("bench-embedding", f"k{index % 4}", value)
+            puts.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            store.get("bench-embedding", f"k{index % 4}")
+            gets.append((time.perf_counter() - started) * 1000)
+        out[name] = {"put_ms": round(statistics.median(puts), 2), "get_ms": round(statistics.median(gets), 2)}
+        store.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench.shared_state", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clicks", type=int, default=8, help="warm clicks per user (default %(default)s)")
@@ -182,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             result["identical_answers"] = f"{sum(a == b for a, b in zip(result['answers'], reference))}/" \
                                           f"{len(reference)}"
         overhead = store_overhead(redis.url, folder)
+        round_trip = embedding_round_trip(redis.url, folder)
     finally:
         redis.stop()
         label_studio.close()
@@ -197,10 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, ms in overhead.items():
         extra = f" (+{ms - overhead['memory']:.2f} ms over memory)" if name != "memory" else ""
         print(f"  {name:7} {ms:6.2f} ms{extra}")
+    print(f"\none embedding in the store: {round_trip['bytes']} bytes ({round_trip['features_bytes']} of float16 "
+          f"features), unpacked in {round_trip['unpack_ms']} ms; median put / get: disk "
+          f"{round_trip['disk']['put_ms']} / {round_trip['disk']['get_ms']} ms, redis {round_trip['redis']['put_ms']} / "
+          f"{round_trip['redis']['get_ms']} ms (once per image and process; later clicks use the worker's own LRU)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"configurations": {n: {k: v for k, v in r.items() if k != "answers"}
                                                         for n, r in results.items()},
-                                     "store_overhead_ms": overhead}, indent=2))
+                                     "store_overhead_ms": overhead, "embedding_round_trip": round_trip},
+                                    indent=2))
     print(f"\nwritten to {args.json}")
     return 0
 
