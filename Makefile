@@ -21,10 +21,11 @@ run: install weights $(if $(filter true 1 yes,$(RUN_ONNX_SAM)),$(ONNX_MODELS))
 $(ONNX_MODELS): | install weights
 	$(BIN)/python onnx_converter.py --model-type vit_t --checkpoint models/mobile_sam.pt --out-dir models
 
-## test: install the serving and test dependencies, Label Studio (own venv) and Chromium, then run every test
+## test: install the serving and test dependencies, Label Studio (own venv), Chromium and redis-server, then run every test
 test: install-dev weights
 	scripts/install_label_studio.sh
 	scripts/install_browser.sh
+	scripts/install_redis.sh
 	$(BIN)/python -m pytest
 
 $(BIN)/python:
@@ -52,5 +53,7 @@ onnx: install-dev weights
 
 ## bench: latency, memory and RLE numbers on real weights and images; writes artifacts/bench.json
 bench: install-dev weights
+	scripts/install_redis.sh
 	$(BIN)/python -m tools.bench
 	$(BIN)/python -m tools.memory_bench
+	$(BIN)/python -m tools.bench.shared_state

@@ -13,6 +13,8 @@
     REQUEST_READ_TIMEOUT  seconds a request may take to arrive in full, head and body (default 10); past it
              the worker answers 408 and closes the connection. Also the socket timeout of writing an answer.
     LOG_LEVEL  also the backend's own level (settings.py); gunicorn takes it lower-cased.
+    STATE_STORE  where the workers keep shared state (settings.py); with WORKERS > 1 and none set, a disk store
+             all workers share. STATE_STORE_SECRET defaults to a random one per server start (`on_starting`).
 
 The worker class is `sam_backend.worker.BufferingWorker`: gthread, except that the event loop reads each request
 in full (with the deadline above) before a thread sees it, so slow clients hold no thread, and requests without a
@@ -96,6 +98,18 @@ if __name__ != "__main__":
     worker_class = _worker_class()
 
 
+def on_starting(server) -> None:
+    """In the master, before any worker forks: tell the app how many workers there are (WORKERS picks the default
+    state store: more than one share a disk store; a --workers option given after this file counts too), and give
+    the workers of this server one random STATE_STORE_SECRET when none is set, to seal /setup's Label Studio token
+    in the shared store (sam_backend/store/sealing.py). Nothing sealed with it outlives the server."""
+    import secrets
+
+    os.environ["WORKERS"] = str(server.cfg.workers)
+    if not os.environ.get("STATE_STORE_SECRET"):
+        os.environ["STATE_STORE_SECRET"] = secrets.token_urlsafe(32)
+
+
 def post_fork(server, worker) -> None:
     """Limit the worker to 2 glibc malloc arenas before its request threads start.
 
@@ -124,7 +138,7 @@ def _health_check() -> int:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 (fixed loopback URL)
+        with urllib.request.urlopen(request, timeout=5) as response:
             return 0 if response.status == 200 else 1
     except (urllib.error.URLError, OSError) as error:
         print(f"health check failed: {error}")

@@ -18,6 +18,7 @@ Nothing here imports torch, onnxruntime, flask or a predictor module: `sam_backe
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -29,10 +30,15 @@ from sam_backend.images import ImageLoader, LabelStudioAccess
 from sam_backend.images.redact import redact_url
 from sam_backend.images.references import is_immutable, names_peer
 from sam_backend.labelstudio import context, label_config, prompting, results
-from sam_backend.labelstudio.memory import PromptMemory
+from sam_backend.labelstudio.memory import PromptMemory, SharedPromptMemory
 from sam_backend.lru import BoundedLRU
 from sam_backend.sam.types import Embedding, Predictor
 from sam_backend.settings import Settings
+from sam_backend.store import GuardedStore, StateStore, open_store
+from sam_backend.store.sealing import Sealer
+
+ACCESS = "ls-access"  # store namespace of /setup's Label Studio access, sealed
+ACCESS_TTL = 7 * 24 * 3600.0  # seconds; Label Studio sends /setup again when a project's model is (re)connected
 
 
 log = logging.getLogger(__name__)
@@ -41,18 +47,34 @@ class SamModel:
     """Answers Label Studio's calls with one predictor. Thread-safe; holds no per-request state."""
 
     def __init__(self, predictor: Predictor, settings: Settings, images: ImageLoader | None = None,
-                 cache: EmbeddingCache | None = None, memory: PromptMemory | None = None) -> None:
+                 cache: EmbeddingCache | None = None, memory: PromptMemory | None = None,
+                 store: StateStore | None = None) -> None:
+        """`store`: the state store (default: the one settings.state_store_spec names, opened here)."""
         self.predictor = predictor
         self.settings = settings
+        self.store = GuardedStore(store if store is not None
+                                  else open_store(settings.state_store_spec, settings.state_store_max_bytes))
+        shared = self.store if self.store.shared else None
         self.images = images or ImageLoader(settings)
         self.cache = cache or EmbeddingCache(settings.embedding_cache_size, compact=settings.embedding_float16,
-                                             max_computing=settings.max_concurrent_embeddings)
-        self.memory = memory or PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl)
-        self.recent = RecentImages(ttl=settings.image_url_ttl)
+                                             max_computing=settings.max_concurrent_embeddings, store=shared)
+        self.memory = memory or (SharedPromptMemory(shared, settings.prompt_memory_size, settings.prompt_memory_ttl)
+                                 if shared is not None
+                                 else PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl))
+        self.recent = RecentImages(ttl=settings.image_url_ttl, store=shared)
         self._projects: BoundedLRU[str, LabelStudioAccess] = BoundedLRU(max_items=256)
         # Clicks computing at once (decode, mask, results): more than the cores only makes each one slower, and
         # each holds a mask of its image's size. The others wait their turn (THREADS allows 32 requests).
         self._clicks = threading.BoundedSemaphore(settings.max_concurrent_decodes or _usable_cpus())
+        # /setup's token goes to a shared store only sealed (sam_backend/store/sealing.py)
+        self._sealer = Sealer(settings.state_store_secret) if shared is not None and settings.state_store_secret \
+            else None
+        if shared is not None:
+            log.info("state store: %s", self.store.describe())
+            if self._sealer is None and not settings.label_studio_url:
+                log.warning("STATE_STORE is shared but STATE_STORE_SECRET is unset: Label Studio access sent by "
+                            "/setup stays in the worker that received it; set LABEL_STUDIO_URL and "
+                            "LABEL_STUDIO_API_KEY (or STATE_STORE_SECRET) so that every worker can fetch images")
 
     @property
     def model_version(self) -> str:
@@ -66,7 +88,14 @@ class SamModel:
     def stats(self) -> dict:
         """Counts for /metrics."""
         return {"embedding_cache": {"items": len(self.cache), "bytes": self.cache.nbytes,
-                                    "hits": self.cache.hits, "misses": self.cache.misses}}
+                                    "hits": self.cache.hits, "misses": self.cache.misses},
+                "state_store": {**self.store.status(), "store_hits": self.cache.store_hits,
+                                "encoder_runs": self.cache.computed},
+                "worker_pid": os.getpid()}
+
+    def health(self) -> dict:
+        """For /health: the state store's backend and whether it is ok or degraded."""
+        return {"state_store": self.store.status()}
 
     # ---- /setup -------------------------------------------------------------------------------------
     def setup(self, body: Any, peer: str | None = None) -> dict:
@@ -82,6 +111,7 @@ class SamModel:
                 and token.isprintable() and token.isascii()):
             if self.settings.label_studio_url or names_peer(hostname, peer):
                 self._projects.put(project, LabelStudioAccess(url=hostname, token=token))
+                self._share_access(project, hostname, token)
             else:
                 log.warning("/setup for project %r names Label Studio at %s, but came from %s: not used for image "
                             "downloads (set LABEL_STUDIO_URL when a proxy stands between them)", project[:64],
@@ -91,6 +121,28 @@ class SamModel:
             # a config we cannot serve is reported when the model is connected
             label_config.parse(schema, self.settings.max_label_config_bytes, self.settings.max_labels)
         return {"model_version": self.model_version}
+
+    def _share_access(self, project: str, hostname: str, token: str) -> None:
+        if self._sealer is not None:
+            sealed = self._sealer.seal(json.dumps({"url": hostname, "token": token}).encode())
+            self.store.put(ACCESS, _project_key(project), sealed, ACCESS_TTL)
+
+    def _access(self, project: str) -> LabelStudioAccess | None:
+        """The Label Studio /setup named for `project`: this worker's, else the sealed one in the shared store."""
+        access = self._projects.get(project)
+        if access is not None or self._sealer is None:
+            return access
+        sealed = self.store.get(ACCESS, _project_key(project))
+        opened = self._sealer.open(sealed) if sealed is not None else None
+        if opened is None:
+            return None
+        try:
+            data = json.loads(opened)
+            access = LabelStudioAccess(url=data["url"], token=data["token"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        self._projects.put(project, access)
+        return access
 
     # ---- /predict -----------------------------------------------------------------------------------
     def predict(self, body: Any) -> dict:
@@ -114,7 +166,7 @@ class SamModel:
         project = body.get("project")
         if isinstance(project, bool) or not isinstance(project, (str, int, type(None))):
             raise RequestError("body.project must be the project's id (a string or integer) or null")
-        fallback = self._projects.get(project) if isinstance(project, str) else None
+        fallback = self._access(project) if isinstance(project, str) else None
         tasks = [_task(task, index) for index, task in enumerate(tasks)]  # all checked before any work
         if regions and len(tasks) > 1:
             # Label Studio's smart tools send the one task being annotated; a context applied to many tasks
@@ -192,6 +244,10 @@ class SamModel:
 
 def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _project_key(project: str) -> str:
+    return hashlib.sha256(project.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _object(value: Any, where: str) -> Mapping:

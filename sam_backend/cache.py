@@ -7,20 +7,34 @@ encoder run already uses every core, and each holds hundreds of MB of activation
 
 `RecentImages` remembers which content an image URL gave when it was last downloaded, so that the clicks after
 the first on a task find their embedding without downloading the image again.
+
+With a shared state store (`sam_backend.store`, STATE_STORE disk or redis) both also keep their entries there, so
+that every worker finds what one computed: an embedding missing here is read from the store (namespace
+`embedding`) before anyone computes it, and only the process holding the store's lease `embed:<key>` computes
+it; the others wait for it to appear in the store (`wait_s` at most, then they compute themselves). A holder that
+dies leaves a lease that expires after `lease_s`. The in-process LRU stays in front of the store (embeddings are
+keyed by content, so a copy never goes stale). When the store is degraded every call falls back to this process.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import fields
 from typing import Callable, Hashable
 
 import numpy as np
 
 from sam_backend.lru import BoundedLRU
 from sam_backend.sam.types import Embedding
+from sam_backend.store import StateStore, codec
+
+EMBEDDINGS = "embedding"  # store namespaces
+IMAGE_URLS = "image-url"
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +47,12 @@ class EmbeddingCache:
     """
 
     def __init__(self, max_items: int = 32, compact: bool = False, prewarm_queue: int = 16,
-                 max_computing: int = 1) -> None:
+                 max_computing: int = 1, store: StateStore | None = None, lease_s: float = 120.0,
+                 wait_s: float = 120.0, poll_s: float = 0.02) -> None:
         self.max_items = max_items
         self.compact = compact
+        self.store = store if store is not None and store.shared else None
+        self.lease_s, self.wait_s, self.poll_s = lease_s, wait_s, poll_s
         self._computing = threading.BoundedSemaphore(max_computing)
         self._items: BoundedLRU[Hashable, Embedding] = BoundedLRU(max_items, size_of=lambda item: item.nbytes)
         self._pending: dict[Hashable, Future] = {}
@@ -45,6 +62,8 @@ class EmbeddingCache:
         self._prewarm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prewarm")
         self.hits = 0
         self.misses = 0
+        self.store_hits = 0  # found in the shared store (computed by another process, or before a restart)
+        self.computed = 0  # encoder runs of this process
 
     def __len__(self) -> int:
         return len(self._items)
@@ -62,7 +81,8 @@ class EmbeddingCache:
             embedding = self._items.get(key)
             if embedding is not None:
                 self.hits += 1
-            return embedding
+                return embedding
+        return self._from_store(key)
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], Embedding]) -> Embedding:
         """The embedding for `key`, calling `compute()` only if no thread has it or is computing it."""
@@ -80,8 +100,7 @@ class EmbeddingCache:
         if not owner:
             return future.result()
         try:
-            with self._computing:
-                embedding = self._store_form(compute())
+            embedding = self._from_store(key) or self._compute_once(key, compute)
         except BaseException as error:
             with self._lock:
                 del self._pending[key]
@@ -91,6 +110,59 @@ class EmbeddingCache:
             self._items.put(key, embedding)
             del self._pending[key]
         future.set_result(embedding)
+        return embedding
+
+    def _compute(self, compute: Callable[[], Embedding]) -> Embedding:
+        with self._computing:
+            embedding = self._store_form(compute())
+        with self._lock:
+            self.computed += 1
+        return embedding
+
+    def _compute_once(self, key: Hashable, compute: Callable[[], Embedding]) -> Embedding:
+        """Compute under the store's lease, or wait for the process that holds it (see the module docstring)."""
+        if self.store is None:
+            return self._compute(compute)
+        name, deadline = f"{EMBEDDINGS}:{_store_key(key)}", time.monotonic() + self.wait_s
+        while True:
+            token = self.store.acquire(name, self.lease_s)
+            if token is not None or getattr(self.store, "degraded", False):
+                try:
+                    found = self._from_store(key) if token is not None else None  # put just before we asked
+                    if found is not None:
+                        return found
+                    embedding = self._compute(compute)
+                    self.store.put(EMBEDDINGS, _store_key(key), pack_embedding(embedding))
+                    return embedding
+                finally:
+                    if token is not None:
+                        self.store.release(name, token)
+            while self.store.held(name) and time.monotonic() < deadline:
+                time.sleep(self.poll_s)
+            found = self._from_store(key)
+            if found is not None:
+                return found
+            if time.monotonic() >= deadline:
+                log.warning("waited %.0f s for another process to embed an image; embedding it here", self.wait_s)
+                return self._compute(compute)
+            # the holder released (or died) without storing: take the lease ourselves
+
+    def _from_store(self, key: Hashable) -> Embedding | None:
+        """The embedding from the shared store, kept in this process's LRU too; None when absent or corrupt."""
+        if self.store is None:
+            return None
+        value = self.store.get(EMBEDDINGS, _store_key(key))
+        if value is None:
+            return None
+        try:
+            embedding = unpack_embedding(value)
+        except codec.CorruptEntry as error:
+            log.warning("dropping a corrupt embedding from the state store: %s", error)
+            self.store.delete(EMBEDDINGS, _store_key(key))
+            return None
+        with self._lock:
+            self._items.put(key, embedding)
+            self.store_hits += 1
         return embedding
 
     def prewarm(self, key: Hashable, job: Callable[[], object]) -> None:
@@ -132,15 +204,67 @@ class RecentImages:
     At most `max_items` sources, least recently downloaded dropped first. `ttl` 0 turns it off. Thread-safe.
     """
 
-    def __init__(self, max_items: int = 4096, ttl: float = 600.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_items: int = 4096, ttl: float = 600.0, clock: Callable[[], float] = time.monotonic,
+                 store: StateStore | None = None) -> None:
         self.max_items = max_items
         self.ttl = ttl
+        self.store = store if store is not None and store.shared else None
         self._keys: BoundedLRU[Hashable, Hashable] = BoundedLRU(max_items, ttl=ttl, clock=clock)
 
     def get(self, source: Hashable) -> Hashable | None:
+        """The key `source` gave (as a tuple when it was one); the shared store's answer first, when there is one."""
+        if self.store is not None:
+            value = self.store.get(IMAGE_URLS, _store_key(source))
+            if value is not None:
+                try:
+                    key = codec.unpack_json(value)
+                    return tuple(key) if isinstance(key, list) else key
+                except codec.CorruptEntry:
+                    self.store.delete(IMAGE_URLS, _store_key(source))
         return self._keys.get(source)
 
     def put(self, source: Hashable, key: Hashable) -> None:
         if self.ttl <= 0:
             return
         self._keys.put(source, key)
+        if self.store is not None:
+            self.store.put(IMAGE_URLS, _store_key(source), codec.pack_json(list(key) if isinstance(key, tuple)
+                                                                            else key), self.ttl)
+
+
+def _store_key(key: Hashable) -> str:
+    """A cache key (model version, content digest) or an image source as text for the store."""
+    if isinstance(key, tuple) and all(isinstance(part, str) for part in key):
+        return "/".join(key)
+    return hashlib.sha256(json.dumps(list(key) if isinstance(key, tuple) else key, default=str).encode()).hexdigest()
+
+
+def pack_embedding(embedding: Embedding) -> bytes:
+    """An `Embedding` as bytes, generically: every array field by name (a tuple of arrays as name.0, name.1, ...)
+    and every other field (sizes) in the JSON header, so embeddings that carry more arrays need no new format."""
+    arrays, meta, tuples = {}, {}, {}
+    for item in fields(embedding):
+        value = getattr(embedding, item.name)
+        if isinstance(value, np.ndarray):
+            arrays[item.name] = value
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, np.ndarray) for v in value):
+            tuples[item.name] = len(value)
+            arrays.update({f"{item.name}.{index}": v for index, v in enumerate(value)})
+        else:
+            meta[item.name] = list(value) if isinstance(value, tuple) else value
+    return codec.pack(arrays, {"fields": meta, "array_tuples": tuples, "type": type(embedding).__name__})
+
+
+def unpack_embedding(value: bytes) -> Embedding:
+    """The `Embedding` `pack_embedding` packed; raises codec.CorruptEntry for anything else."""
+    arrays, meta = codec.unpack(value)
+    try:
+        if meta.get("type") != Embedding.__name__:
+            raise codec.CorruptEntry(f"not an Embedding but {meta.get('type')!r}")
+        values: dict = {name: tuple(v) if isinstance(v, list) else v for name, v in meta["fields"].items()}
+        for name, count in meta["array_tuples"].items():
+            values[name] = tuple(arrays.pop(f"{name}.{index}") for index in range(count))
+        values.update(arrays)
+        return Embedding(**values)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise codec.CorruptEntry(f"not an Embedding: {error}") from None

@@ -58,6 +58,8 @@ class Backend(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
+    def health(self) -> dict[str, Any]: ...
+
 
 def configure_logging(settings: Settings) -> None:
     """The process's log format and level (LOG_LEVEL)."""
@@ -101,8 +103,9 @@ def create_app(model: Backend, settings: Settings) -> Flask:
     @app.get("/")
     @app.get("/health")
     def health():
+        # "UP" while the store is degraded too: the backend still answers, computing locally (see "state_store")
         return jsonify(status="UP", model_class=model.model_class, model_loaded=True,
-                       model_version=model.model_version)
+                       model_version=model.model_version, **model.health())
 
     @app.post("/setup")
     def setup():

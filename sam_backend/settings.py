@@ -17,6 +17,8 @@ from sam_backend import catalog
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository (or the image's /app)
 MODELS_DIR = catalog.MODELS_DIR
+#: where the disk state store lives when WORKERS > 1 and STATE_STORE is unset (one per user, survives restarts)
+DEFAULT_STORE_FOLDER = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sam-backend" / "state"
 
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
@@ -73,6 +75,13 @@ class Settings:
     prompt_memory_size: int = 1024  # PROMPT_MEMORY_SIZE (task, class) entries
     prompt_memory_ttl: float = 3600.0  # PROMPT_MEMORY_TTL seconds
     refine_masks: bool = True  # REFINE_MASKS: feed the previous mask of the object back to SAM with each new click
+    # Shared state (sam_backend/store): where embeddings, prompt memory and the image-URL map live
+    state_store: str = ""  # STATE_STORE: memory | disk:<folder> | redis://host:port/db; "" = by WORKERS, see below
+    state_store_max_bytes: int = 2 << 30  # STATE_STORE_MAX_BYTES: bound of the memory and disk stores
+    #: STATE_STORE_SECRET: seals /setup's Label Studio token in a shared store; replicas that share a store share
+    #: it. gunicorn.conf.py sets a random one per server start when unset (the workers of one server share it).
+    state_store_secret: str = field(default="", repr=False)
+    workers: int = 1  # WORKERS (gunicorn.conf.py's); more than 1 and no STATE_STORE means a shared disk store
     # Outputs
     out_mask: bool = True  # OUT_MASK (--with out_mask)
     out_bbox: bool = False  # OUT_BBOX (--with out_bbox)
@@ -112,6 +121,13 @@ class Settings:
         return catalog.CHECKPOINTS[self.model_type].default_path
 
     @property
+    def state_store_spec(self) -> str:
+        """STATE_STORE, or its default: `memory` for one worker, the shared `disk:<DEFAULT_STORE_FOLDER>` for more."""
+        if self.state_store:
+            return self.state_store
+        return "memory" if self.workers <= 1 else f"disk:{DEFAULT_STORE_FOLDER}"
+
+    @property
     def onnx_paths(self) -> tuple[Path, Path]:
         encoder, decoder = catalog.onnx_paths(self.model_type)
         return self.onnx_encoder or encoder, self.onnx_decoder or decoder
@@ -148,6 +164,10 @@ ENVIRONMENT = {
     "PROMPT_MEMORY_SIZE": "prompt_memory_size",
     "PROMPT_MEMORY_TTL": "prompt_memory_ttl",
     "REFINE_MASKS": "refine_masks",
+    "STATE_STORE": "state_store",
+    "STATE_STORE_MAX_BYTES": "state_store_max_bytes",
+    "STATE_STORE_SECRET": "state_store_secret",
+    "WORKERS": "workers",
     "OUT_MASK": "out_mask",
     "OUT_BBOX": "out_bbox",
     "OUT_POLY": "out_poly",
@@ -229,6 +249,12 @@ def validate(settings: Settings) -> None:
         raise ValueError(f"MAX_CONCURRENT_DECODES={settings.max_concurrent_decodes}: use 1 or more, or 0 (one per CPU)")
     if not 0 <= settings.encoder_nice <= 19:
         raise ValueError(f"ENCODER_NICE={settings.encoder_nice}: use 0 (same priority as clicks) to 19 (lowest)")
+    spec = settings.state_store_spec
+    if not (spec == "memory" or (spec.startswith("disk:") and len(spec) > 5)
+            or spec.startswith(("redis://", "rediss://", "unix://"))):
+        raise ValueError(f"STATE_STORE={spec!r}: use memory, disk:<folder> or redis://host:port/db")
+    if settings.state_store_max_bytes < 1 << 20:
+        raise ValueError("STATE_STORE_MAX_BYTES must be at least 1048576 (one embedding is 2 MiB)")
     if settings.max_label_config_bytes < 1:
         raise ValueError("MAX_LABEL_CONFIG_BYTES must be at least 1")
     if settings.max_labels < 1:

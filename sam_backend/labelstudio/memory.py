@@ -1,16 +1,28 @@
-"""What this server saw of a task in earlier calls: the regions of each group, and the last mask of each class."""
+"""What this server saw of a task in earlier calls: the regions of each group, and the last mask of each class.
+
+`PromptMemory` keeps it in this process (STATE_STORE=memory); `SharedPromptMemory` in a state store that all
+workers share (disk or redis), so that any worker refines the mask another one made.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
 from sam_backend.labelstudio.context import Region
+from sam_backend.labelstudio.label_config import Target
 from sam_backend.lru import BoundedLRU
 from sam_backend.sam.types import Prompt
+from sam_backend.store import StateStore, codec
+from sam_backend.store.memory import MemoryStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,3 +110,94 @@ class PromptMemory:
 
 def _same_box(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
+class SharedPromptMemory:
+    """`PromptMemory`'s interface, kept in a state store that every worker shares (STATE_STORE disk or redis).
+
+    Per task one record of its groups' regions (namespace `prompt-groups`) and per (task, class) one record of
+    the last mask's prompt and (1, 256, 256) float32 logits (`prompt-masks`), both expiring `ttl` seconds after
+    they were last written. Each record is also kept in this process (`local`, bounded like PromptMemory) and
+    stamped with its write time: when the shared store is degraded the worker answers from what it saw itself,
+    and when it comes back the newer of the two copies wins. The store's own bound (bytes, LRU) replaces
+    PROMPT_MEMORY_SIZE's count for the shared copy. Two calls on one task at once (one annotator sends them one
+    after another) are not serialized across workers: the later write wins.
+    """
+
+    def __init__(self, store: StateStore, max_tasks: int = 1024, ttl: float = 3600.0) -> None:
+        self.store = store
+        self.max_tasks = max_tasks
+        self.ttl = ttl
+        # a mask record is about 256 KiB; max_tasks of them and their tasks' groups
+        self._local = MemoryStore(max_bytes=max_tasks * (300 << 10), max_items=4 * max_tasks)
+
+    def exchange(self, task_key: Hashable, regions: Sequence[Region]) -> list[Region]:
+        """Record this call's groups (replacing earlier sets of the same groups); return the other groups'."""
+        calls: dict[tuple[str, str], list[Region]] = {}
+        for region in regions:
+            calls.setdefault(region.group, []).append(region)
+        key = _store_key(task_key)
+        record = self._read(GROUPS, key)
+        groups: dict[tuple[str, str], list[dict]] = {}
+        if record is not None:
+            groups = {(g[0], g[1]): rs for g, rs in record[1]["groups"]}
+        remembered = [_region(r) for group, rs in groups.items() if group not in calls for r in rs]
+        groups.update({group: [asdict(r) for r in rs] for group, rs in calls.items()})
+        self._write(GROUPS, key, {}, {"groups": [[list(group), rs] for group, rs in groups.items()]})
+        return remembered
+
+    def previous_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt) -> np.ndarray | None:
+        """As `PromptMemory.previous_mask`."""
+        record = self._read(MASKS, _store_key(task_key, target))
+        if record is None:
+            return None
+        arrays, _ = record
+        before = Prompt(points=arrays["points"], labels=arrays["labels"], box=arrays.get("box"))
+        old_rows = {tuple(row) for row in np.column_stack([before.points, before.labels]).tolist()}
+        new_rows = {tuple(row) for row in np.column_stack([prompt.points, prompt.labels]).tolist()}
+        extends = old_rows < new_rows and _same_box(prompt.box, before.box)
+        return np.array(arrays["logits"]) if extends else None
+
+    def remember_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt, logits: np.ndarray) -> None:
+        arrays = {"points": np.asarray(prompt.points), "labels": np.asarray(prompt.labels),
+                  "logits": np.asarray(logits)}
+        if prompt.box is not None:
+            arrays["box"] = np.asarray(prompt.box)
+        self._write(MASKS, _store_key(task_key, target), arrays, {})
+
+    # ---- records -----------------------------------------------------------------------------------------
+    def _read(self, namespace: str, key: str) -> tuple[dict[str, np.ndarray], dict] | None:
+        """The newer of the shared and the local record (arrays, meta), or None."""
+        found = []
+        for store in (self.store, self._local):
+            value = store.get(namespace, key)
+            if value is None:
+                continue
+            try:
+                found.append(codec.unpack(value))
+            except codec.CorruptEntry as error:
+                log.warning("dropping a corrupt %s record from the %s state store: %s", namespace, store.kind, error)
+                store.delete(namespace, key)
+        return max(found, key=lambda record: record[1].get("stamp", 0.0)) if found else None
+
+    def _write(self, namespace: str, key: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        value = codec.pack(arrays, {**meta, "stamp": time.time()})
+        self._local.put(namespace, key, value, self.ttl)
+        self.store.put(namespace, key, value, self.ttl)
+
+
+GROUPS = "prompt-groups"
+MASKS = "prompt-masks"
+
+
+def _store_key(task_key: Hashable, target: tuple[str, str] | None = None) -> str:
+    """A task key (project, task id, image URL) and a class as one store key: the SHA-256 of their JSON."""
+    parts = [list(task_key) if isinstance(task_key, tuple) else task_key, list(target) if target else None]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def _region(data: dict) -> Region:
+    target = Target(**data["target"])
+    original = data.get("original_size")
+    return Region(**{**data, "group": tuple(data["group"]), "target": target,
+                     "original_size": tuple(original) if original is not None else None})
