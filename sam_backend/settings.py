@@ -48,8 +48,9 @@ class Settings:
     torch_threads: int = 0  # TORCH_NUM_THREADS; 0 = torch's default
     ort_threads: int = 0  # ORT_NUM_THREADS; 0 = onnxruntime's default
     #: DECODE_THREADS: threads of one click's decode (torch and ONNX Runtime); 0: every core for a click that runs
-    #: alone, one core each for overlapping clicks (so several users' clicks run side by side)
-    decode_threads: int = 0
+    #: alone, one core each for overlapping clicks. 1, because one thread was the fastest even alone on 2 cores
+    #: (MobileSAM's ONNX decoder at 1920x1080: 55 ms on 1 thread, 65 ms on 2, 100 ms on 2 spinning; README)
+    decode_threads: int = 1
     #: MAX_CONCURRENT_DECODES: clicks decoded at once per worker (each holds a mask of its image's size); 0 = the
     #: CPUs this process may use. The others wait their turn.
     max_concurrent_decodes: int = 0
