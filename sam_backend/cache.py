@@ -114,10 +114,8 @@ class EmbeddingCache:
             log.warning("prewarming an embedding failed: %s", error)
 
     def _store_form(self, embedding: Embedding) -> Embedding:
-        if not self.compact or embedding.features.dtype == np.float16:
-            return embedding
-        return Embedding(features=embedding.features.astype(np.float16),
-                         original_size=embedding.original_size, input_size=embedding.input_size)
+        # every named array of the embedding (SAM 2's high-resolution features too), see Embedding.astype
+        return embedding.astype(np.float16) if self.compact else embedding
 
     def close(self) -> None:
         self._prewarm_pool.shutdown(wait=False, cancel_futures=True)
