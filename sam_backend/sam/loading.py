@@ -1,5 +1,5 @@
 """Which predictor to serve: the one place that picks `advanced_sam` (torch SAM / MobileSAM), `sam2_predictor`
-(torch SAM 2.1) or `onnx_sam` (ONNX Runtime).
+(torch SAM 2.1), `onnx_sam` or `onnx_sam2` (ONNX Runtime).
 
 The predictors live at the top level (the design card names them), so this is the library's one upward import,
 and a lazy one: an ONNX-only install never imports torch.
@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from sam_backend import catalog
-from sam_backend.errors import ModelError
 from sam_backend.sam.types import Predictor
 from sam_backend.settings import Settings
 
@@ -21,8 +20,11 @@ def load(settings: Settings) -> Predictor:
     """
     if catalog.is_sam2(settings.model_type):
         if settings.run_onnx_sam:
-            raise ModelError(f"RUN_ONNX_SAM=true does not serve SAM 2.1 yet; serve {settings.model_name} on torch "
-                             "(RUN_ONNX_SAM=false)")
+            from onnx_sam2 import OnnxSam2Predictor
+
+            encoder, decoder = settings.onnx_paths
+            version = f"{settings.model_name}-onnx-{_short_digest(decoder)}"
+            return OnnxSam2Predictor.load(encoder, decoder, model_version=version, threads=settings.ort_threads)
         from sam2_predictor import Sam2Predictor
 
         version = f"{settings.model_name}-{_short_digest(settings.checkpoint)}"

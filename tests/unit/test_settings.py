@@ -93,9 +93,11 @@ def test_sam2_checkpoints_without_a_checksum_must_be_complete_archives(tmp_path)
         catalog.verify(cut, checkpoint)
 
 
-def test_sam2_is_not_served_on_onnx_yet(tmp_path):
-    from sam_backend.errors import ModelError
+def test_sam2_on_onnx_names_its_files_and_the_export_command(tmp_path):
+    from sam_backend.errors import OnnxModelError
     from sam_backend.sam import loading
 
-    with pytest.raises(ModelError, match="RUN_ONNX_SAM=true does not serve SAM 2.1 yet"):
-        loading.load(Settings(sam_choice="SAM2", run_onnx_sam=True))
+    chosen = Settings(sam_choice="SAM2", sam2_size="small", run_onnx_sam=True, onnx_encoder=tmp_path / "none.onnx")
+    assert chosen.onnx_paths[1].name == "sam2.1_small.decoder.onnx"
+    with pytest.raises(OnnxModelError, match="none.onnx does not exist; write it with `python onnx_converter.py"):
+        loading.load(chosen)
