@@ -599,7 +599,8 @@ def export_sam2(model: torch.nn.Module, encoder_path: Path, decoder_path: Path, 
     image = torch.zeros((1, 3, 480, 640), dtype=torch.uint8)
     encoder_path.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode(False), torch.no_grad():
-        program = torch.onnx.export(Sam2Encoder(model).eval(), (image,), dynamo=True, opset_version=max(opset, 18),
+        program = torch.onnx.export(Sam2Encoder(model).eval(), (image,), dynamo=True, verbose=False,
+                                    opset_version=max(opset, 18),
                                     input_names=["image"], output_names=ENCODER_OUTPUTS,
                                     dynamic_shapes={"image": {2: height, 3: width}})
         program.save(str(encoder_path))
@@ -609,7 +610,8 @@ def export_sam2(model: torch.nn.Module, encoder_path: Path, decoder_path: Path, 
                    torch.zeros(1))
         shapes = {name: None for name in DECODER_INPUTS}
         shapes["point_coords"], shapes["point_labels"] = {1: points}, {1: points}
-        program = torch.onnx.export(Sam2Decoder(model).eval(), example, dynamo=True, opset_version=max(opset, 18),
+        program = torch.onnx.export(Sam2Decoder(model).eval(), example, dynamo=True, verbose=False,
+                                    opset_version=max(opset, 18),
                                     input_names=DECODER_INPUTS, output_names=DECODER_OUTPUTS,
                                     dynamic_shapes=tuple(shapes[name] for name in DECODER_INPUTS))
         program.save(str(decoder_path))
