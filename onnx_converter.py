@@ -542,9 +542,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # ---- SAM 2.1 -------------------------------------------------------------------------------------------------
 class Sam2Encoder(torch.nn.Module):
@@ -642,3 +639,7 @@ def sam2_main(argv: list[str] | None = None) -> int:
     export_sam2(model, encoder_path, decoder_path)
     log.info("wrote %s and %s in %.0f s", encoder_path, decoder_path, time.perf_counter() - began)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
