@@ -38,9 +38,10 @@ RUN groupadd --system --gid 10001 sam \
 
 FROM base AS torch-deps
 # Requirement files alone first, so code changes do not reinstall torch.
-COPY requirements-base.txt requirements.txt ./
+COPY requirements-base.txt requirements.txt requirements-sam2.txt ./
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -r requirements.txt
+    pip install -r requirements.txt \
+    && SAM2_BUILD_CUDA=0 pip install --no-build-isolation --no-deps -r requirements-sam2.txt
 
 
 FROM torch-deps AS export

@@ -33,8 +33,9 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # Stamps: reinstall only when a requirements file changed.
-$(VENV)/.installed: $(BIN)/python requirements.txt requirements-base.txt
+$(VENV)/.installed: $(BIN)/python requirements.txt requirements-base.txt requirements-sam2.txt
 	$(BIN)/python -m pip install --progress-bar off -r requirements.txt
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install --progress-bar off --no-build-isolation --no-deps -r requirements-sam2.txt
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
@@ -51,9 +52,11 @@ weights: $(BIN)/python
 onnx: install-dev weights
 	$(BIN)/python onnx_converter.py --model-type vit_t --checkpoint models/mobile_sam.pt --out-dir models --quantize
 
-## bench: latency, memory and RLE numbers on real weights and images; writes artifacts/bench.json
+## bench: latency, memory and RLE numbers on real weights and images; writes artifacts/bench.json; then SAM 2.1's
+## embedding / click times and memory per size (tools/bench_sam2.py, random-init weights)
 bench: install-dev weights
 	scripts/install_redis.sh
 	$(BIN)/python -m tools.bench
 	$(BIN)/python -m tools.memory_bench
 	$(BIN)/python -m tools.bench.shared_state
+	$(BIN)/python -m tools.bench_sam2

@@ -464,6 +464,9 @@ def _hide_preprocessing_advice(record: logging.LogRecord) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if any(a.startswith(catalog.SAM2_PREFIX) for a in arguments):  # --model-type sam2.1_<size>: its own exporter
+        return sam2_main(arguments)
     args = parse_args(argv)
     # Our progress at INFO; other libraries (the exporter's optimizer logs every rewrite at INFO) at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -536,6 +539,105 @@ def main(argv: list[str] | None = None) -> int:
         log.error("ONNX masks differ from torch's (IoU < %.2f): do not serve these files", args.min_iou)
         return 1
     log.info("OK: ONNX agrees with torch (IoU >= %.2f); done in %.0f s", args.min_iou, time.perf_counter() - started)
+    return 0
+
+
+
+# ---- SAM 2.1 -------------------------------------------------------------------------------------------------
+class Sam2Encoder(torch.nn.Module):
+    """(1, 3, H, W) uint8 RGB, any size -> image_embed, high_res_0, high_res_1: what `sam2_predictor.embed`
+    computes, the 1024 x 1024 antialiased resize and normalisation of SAM2Transforms included."""
+
+    MEAN = (0.485, 0.456, 0.406)
+    STD = (0.229, 0.224, 0.225)
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pixels = torch.nn.functional.interpolate(image.float() / 255.0, size=(1024, 1024), mode="bilinear",
+                                                 align_corners=False, antialias=True)
+        mean = torch.tensor(self.MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(self.STD).view(1, 3, 1, 1)
+        backbone_out = self.model.forward_image((pixels - mean) / std)
+        _, feats, _, _ = self.model._prepare_backbone_features(backbone_out)
+        if self.model.directly_add_no_mem_embed:
+            feats[-1] = feats[-1] + self.model.no_mem_embed
+        maps = [f.permute(1, 2, 0).reshape(1, -1, side, side) for f, side in zip(feats, (256, 128, 64))]
+        return maps[2], maps[0], maps[1]
+
+
+class Sam2Decoder(torch.nn.Module):
+    """SAM 2's prompt encoder + mask decoder over already padded points (see onnx_sam2.decoder_points), the mask
+    input blended in by a flag; answers all four mask tokens (onnx_sam2.choose picks one as MaskDecoder does)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embed, high_res_0, high_res_1, point_coords, point_labels, mask_input, has_mask_input):
+        encoder = self.model.sam_prompt_encoder
+        sparse = encoder._embed_points(point_coords, point_labels, pad=False)
+        flag = has_mask_input.reshape(1, 1, 1, 1)
+        no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *encoder.image_embedding_size)
+        dense = encoder.mask_downscaling(mask_input) * flag + no_mask * (1 - flag)
+        masks, iou, _, _ = self.model.sam_mask_decoder.predict_masks(
+            image_embeddings=image_embed, image_pe=encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, repeat_image=False, high_res_features=[high_res_0, high_res_1])
+        return masks, iou
+
+
+def export_sam2(model: torch.nn.Module, encoder_path: Path, decoder_path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """Write SAM 2.1's encoder (any image size) and decoder (any number of points) with the dynamo exporter."""
+    from onnx_sam2 import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_OUTPUTS
+
+    height, width = torch.export.Dim("height", min=2, max=16384), torch.export.Dim("width", min=2, max=16384)
+    image = torch.zeros((1, 3, 480, 640), dtype=torch.uint8)
+    encoder_path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(Sam2Encoder(model).eval(), (image,), dynamo=True, verbose=False,
+                                    opset_version=max(opset, 18),
+                                    input_names=["image"], output_names=ENCODER_OUTPUTS,
+                                    dynamic_shapes={"image": {2: height, 3: width}})
+        program.save(str(encoder_path))
+        points = torch.export.Dim("num_points", min=1, max=4096)
+        example = (torch.zeros(1, 256, 64, 64), torch.zeros(1, 32, 256, 256), torch.zeros(1, 64, 128, 128),
+                   torch.rand(1, 3, 2) * 1024, torch.tensor([[1.0, 0.0, -1.0]]), torch.zeros(1, 1, 256, 256),
+                   torch.zeros(1))
+        shapes = {name: None for name in DECODER_INPUTS}
+        shapes["point_coords"], shapes["point_labels"] = {1: points}, {1: points}
+        program = torch.onnx.export(Sam2Decoder(model).eval(), example, dynamo=True, verbose=False,
+                                    opset_version=max(opset, 18),
+                                    input_names=DECODER_INPUTS, output_names=DECODER_OUTPUTS,
+                                    dynamic_shapes=tuple(shapes[name] for name in DECODER_INPUTS))
+        program.save(str(decoder_path))
+
+
+def sam2_main(argv: list[str] | None = None) -> int:
+    """`python onnx_converter.py --model-type sam2.1_tiny [--checkpoint F | --random-weights] [--out-dir D]`."""
+    parser = argparse.ArgumentParser(description="Export SAM 2.1's encoder and decoder to ONNX")
+    parser.add_argument("--model-type", required=True, choices=[t for t in catalog.CHECKPOINTS if catalog.is_sam2(t)])
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+    from sam2_predictor import build_sam2
+
+    if args.random_weights:
+        torch.manual_seed(0)
+    checkpoint = None if args.random_weights else args.checkpoint or catalog.CHECKPOINTS[args.model_type].default_path
+    try:
+        model = build_sam2(catalog.sam2_size(args.model_type), checkpoint, torch.device("cpu"))
+    except CheckpointError as error:
+        log.error("%s", error)
+        return 2
+    encoder_path, decoder_path = onnx_paths(args.out_dir, args.model_type)
+    began = time.perf_counter()
+    export_sam2(model, encoder_path, decoder_path)
+    log.info("wrote %s and %s in %.0f s", encoder_path, decoder_path, time.perf_counter() - began)
     return 0
 
 

@@ -24,7 +24,6 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import fields
 from typing import Callable, Hashable
 
 import numpy as np
@@ -186,10 +185,8 @@ class EmbeddingCache:
             log.warning("prewarming an embedding failed: %s", error)
 
     def _store_form(self, embedding: Embedding) -> Embedding:
-        if not self.compact or embedding.features.dtype == np.float16:
-            return embedding
-        return Embedding(features=embedding.features.astype(np.float16),
-                         original_size=embedding.original_size, input_size=embedding.input_size)
+        # every named array of the embedding (SAM 2's high-resolution features too), see Embedding.astype
+        return embedding.astype(np.float16) if self.compact else embedding
 
     def close(self) -> None:
         self._prewarm_pool.shutdown(wait=False, cancel_futures=True)
@@ -240,19 +237,12 @@ def _store_key(key: Hashable) -> str:
 
 
 def pack_embedding(embedding: Embedding) -> bytes:
-    """An `Embedding` as bytes, generically: every array field by name (a tuple of arrays as name.0, name.1, ...)
-    and every other field (sizes) in the JSON header, so embeddings that carry more arrays need no new format."""
-    arrays, meta, tuples = {}, {}, {}
-    for item in fields(embedding):
-        value = getattr(embedding, item.name)
-        if isinstance(value, np.ndarray):
-            arrays[item.name] = value
-        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, np.ndarray) for v in value):
-            tuples[item.name] = len(value)
-            arrays.update({f"{item.name}.{index}": v for index, v in enumerate(value)})
-        else:
-            meta[item.name] = list(value) if isinstance(value, tuple) else value
-    return codec.pack(arrays, {"fields": meta, "array_tuples": tuples, "type": type(embedding).__name__})
+    """An `Embedding` as bytes, generically: every array it has by name (`Embedding.arrays()`: SAM 2's
+    high-resolution features too) and its sizes in the JSON header, so a family with more arrays needs no new
+    format."""
+    return codec.pack(embedding.arrays(), {"type": type(embedding).__name__,
+                                           "original_size": list(embedding.original_size),
+                                           "input_size": list(embedding.input_size)})
 
 
 def unpack_embedding(value: bytes) -> Embedding:
@@ -261,10 +251,11 @@ def unpack_embedding(value: bytes) -> Embedding:
     try:
         if meta.get("type") != Embedding.__name__:
             raise codec.CorruptEntry(f"not an Embedding but {meta.get('type')!r}")
-        values: dict = {name: tuple(v) if isinstance(v, list) else v for name, v in meta["fields"].items()}
-        for name, count in meta["array_tuples"].items():
-            values[name] = tuple(arrays.pop(f"{name}.{index}") for index in range(count))
-        values.update(arrays)
-        return Embedding(**values)
-    except (KeyError, TypeError, AttributeError) as error:
+        features = arrays.pop("features")
+        original_size = tuple(int(v) for v in meta["original_size"])
+        input_size = tuple(int(v) for v in meta["input_size"])
+        if len(original_size) != 2 or len(input_size) != 2:
+            raise codec.CorruptEntry(f"not an Embedding: sizes {original_size}, {input_size}")
+        return Embedding(features=features, original_size=original_size, input_size=input_size, extras=arrays)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise codec.CorruptEntry(f"not an Embedding: {error}") from None

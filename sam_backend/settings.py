@@ -36,7 +36,8 @@ def parse_bool(name: str, value: str) -> bool:
 @dataclass(frozen=True)
 class Settings:
     # Model
-    sam_choice: str = "MobileSAM"  # SAM_CHOICE: MobileSAM | SAM
+    sam_choice: str = "MobileSAM"  # SAM_CHOICE: MobileSAM | SAM | SAM2
+    sam2_size: str = "tiny"  # SAM2_SIZE: tiny | small | base_plus | large, for SAM_CHOICE=SAM2 (SAM 2.1)
     sam_model_type: str = "vit_h"  # SAM_MODEL_TYPE (--with sam_config): vit_b | vit_l | vit_h, for SAM_CHOICE=SAM
     mobilesam_checkpoint: Path = catalog.CHECKPOINTS["vit_t"].default_path  # MOBILESAM_CHECKPOINT
     vith_checkpoint: Path = catalog.CHECKPOINTS["vit_h"].default_path  # VITH_CHECKPOINT
@@ -109,7 +110,10 @@ class Settings:
 
     @property
     def model_type(self) -> str:
-        return "vit_t" if self.sam_choice.lower() == "mobilesam" else self.sam_model_type
+        choice = self.sam_choice.lower()
+        if choice == "sam2":
+            return catalog.SAM2_PREFIX + self.sam2_size.lower()
+        return "vit_t" if choice == "mobilesam" else self.sam_model_type
 
     @property
     def checkpoint(self) -> Path:
@@ -138,6 +142,7 @@ class Settings:
 ENVIRONMENT = {
     "SAM_CHOICE": "sam_choice",
     "SAM_MODEL_TYPE": "sam_model_type",
+    "SAM2_SIZE": "sam2_size",
     "MOBILESAM_CHECKPOINT": "mobilesam_checkpoint",
     "VITH_CHECKPOINT": "vith_checkpoint",
     "SAM_CHECKPOINT": "sam_checkpoint",
@@ -234,9 +239,12 @@ def from_environment(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def validate(settings: Settings) -> None:
-    if settings.sam_choice.lower() not in {"mobilesam", "sam"}:
-        raise ValueError(f"SAM_CHOICE={settings.sam_choice!r}: use MobileSAM or SAM")
-    if settings.model_type not in {"vit_t", "vit_b", "vit_l", "vit_h"}:
+    if settings.sam_choice.lower() not in {"mobilesam", "sam", "sam2"}:
+        raise ValueError(f"SAM_CHOICE={settings.sam_choice!r}: use MobileSAM, SAM or SAM2")
+    if settings.sam_choice.lower() == "sam2":
+        if settings.sam2_size.lower() not in catalog.SAM2_CONFIGS:
+            raise ValueError(f"SAM2_SIZE={settings.sam2_size!r}: use {', '.join(catalog.SAM2_CONFIGS)}")
+    elif settings.model_type not in {"vit_t", "vit_b", "vit_l", "vit_h"}:
         raise ValueError(f"SAM_MODEL_TYPE={settings.sam_model_type!r}: use vit_b, vit_l or vit_h")
     if settings.embedding_cache_size < 1:
         raise ValueError("EMBEDDING_CACHE_SIZE must be at least 1")

@@ -1,4 +1,5 @@
-"""Which predictor to serve: the one place that picks `advanced_sam` (torch) or `onnx_sam` (ONNX Runtime).
+"""Which predictor to serve: the one place that picks `advanced_sam` (torch SAM / MobileSAM), `sam2_predictor`
+(torch SAM 2.1), `onnx_sam` or `onnx_sam2` (ONNX Runtime).
 
 The predictors live at the top level (the design card names them), so this is the library's one upward import,
 and a lazy one: an ONNX-only install never imports torch.
@@ -17,6 +18,18 @@ def load(settings: Settings) -> Predictor:
 
     Imports torch only for the torch predictor, so an ONNX-only install never needs it.
     """
+    if catalog.is_sam2(settings.model_type):
+        if settings.run_onnx_sam:
+            from onnx_sam2 import OnnxSam2Predictor
+
+            encoder, decoder = settings.onnx_paths
+            version = f"{settings.model_name}-onnx-{_short_digest(decoder)}"
+            return OnnxSam2Predictor.load(encoder, decoder, model_version=version, threads=settings.ort_threads)
+        from sam2_predictor import Sam2Predictor
+
+        version = f"{settings.model_name}-{_short_digest(settings.checkpoint)}"
+        return Sam2Predictor.load(catalog.sam2_size(settings.model_type), settings.checkpoint, settings.device,
+                                  model_version=version, threads=settings.torch_threads)
     if settings.run_onnx_sam:
         from onnx_sam import OnnxSamPredictor
 

@@ -8,7 +8,8 @@ Geometry shared by both predictors lives in `sam_transforms`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -16,20 +17,46 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Embedding:
-    """The image encoder's output for one image.
+    """The image encoder's output for one image: named arrays plus the image's geometry.
 
-    features: (1, 256, 64, 64) float32 or float16, the SAM image embedding.
+    features: (1, 256, 64, 64) float32 or float16, the image embedding (SAM, MobileSAM and SAM 2 alike).
     original_size: (H, W) of the image in pixels, as the user sees it (EXIF orientation applied).
-    input_size: (h, w) of the image after resizing its longest side to 1024, before padding.
+    input_size: (h, w) of the image in the encoder's 1024-frame before padding: the longest side scaled to
+        1024 for SAM and MobileSAM; (1024, 1024) for SAM 2, which stretches the image to the square.
+    extras: further named arrays a model family needs besides `features`, of the same dtype; empty for SAM
+        and MobileSAM, SAM 2's high-resolution features for SAM 2 (`high_res_0` (1, 32, 256, 256) and
+        `high_res_1` (1, 64, 128, 128)).
+
+    `arrays()` enumerates every array by name (`features` first), so a cache or a store can convert, count
+    or serialise an embedding without knowing its family; `with_arrays` builds the same embedding from
+    converted arrays.
     """
 
     features: np.ndarray
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+    extras: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array of the embedding by name: {"features": ..., **extras}."""
+        return {"features": self.features, **self.extras}
+
+    def with_arrays(self, arrays: Mapping[str, np.ndarray]) -> Embedding:
+        """The same image's embedding made of `arrays` (the names `arrays()` gives)."""
+        extras = {name: array for name, array in arrays.items() if name != "features"}
+        return Embedding(features=arrays["features"], original_size=self.original_size,
+                         input_size=self.input_size, extras=extras)
+
+    def astype(self, dtype: np.dtype | type) -> Embedding:
+        """Every array converted to `dtype` (float16 to cache, float32 to decode); self where nothing changes."""
+        if all(array.dtype == dtype for array in self.arrays().values()):
+            return self
+        return self.with_arrays({name: array.astype(dtype) for name, array in self.arrays().items()})
 
     @property
     def nbytes(self) -> int:
-        return int(self.features.nbytes)
+        """Bytes of every array together."""
+        return int(sum(array.nbytes for array in self.arrays().values()))
 
 
 @dataclass(frozen=True)

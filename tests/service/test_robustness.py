@@ -1019,7 +1019,7 @@ def test_a_missing_or_corrupt_model_stops_the_server_with_a_clear_message(tmp_pa
 
 
 @pytest.mark.parametrize("variable,value,message", [
-    ("SAM_CHOICE", "foo", "SAM_CHOICE='foo': use MobileSAM or SAM"),
+    ("SAM_CHOICE", "foo", "SAM_CHOICE='foo': use MobileSAM, SAM or SAM2"),
     ("EMBEDDING_CACHE_SIZE", "x", "EMBEDDING_CACHE_SIZE='x' is not a whole number"),
     ("EMBEDDING_CACHE_SIZE", "0", "EMBEDDING_CACHE_SIZE must be at least 1"),
     ("BASIC_AUTH_USER", "only-a-user", "set both BASIC_AUTH_USER and BASIC_AUTH_PASS"),

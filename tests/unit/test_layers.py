@@ -18,16 +18,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: top-level module -> module prefixes it must never import
 FORBIDDEN = {
-    "model.py": ("torch", "torchvision", "onnxruntime", "flask", "werkzeug", "advanced_sam", "onnx_sam",
-                 "onnx_converter", "sam_backend.sam.loading", "sam_backend.http", "tools", "tests", "_wsgi"),
+    "model.py": ("torch", "torchvision", "onnxruntime", "flask", "werkzeug", "advanced_sam", "sam2_predictor",
+                 "onnx_sam", "onnx_sam2", "onnx_converter", "sam_backend.sam.loading", "sam_backend.http", "tools", "tests", "_wsgi"),
     "advanced_sam.py": ("sam_backend.labelstudio", "sam_backend.images", "sam_backend.http", "sam_backend.cache",
                         "label_studio_sdk", "flask", "requests", "urllib3", "model", "onnx_sam", "tools", "tests"),
+    "sam2_predictor.py": ("sam_backend.labelstudio", "sam_backend.images", "sam_backend.http", "sam_backend.cache",
+                          "label_studio_sdk", "flask", "requests", "urllib3", "model", "onnx_sam", "tools", "tests"),
     "onnx_sam.py": ("torch", "torchvision", "segment_anything", "mobile_sam", "sam_backend.labelstudio",
                     "sam_backend.images", "sam_backend.http", "sam_backend.cache", "label_studio_sdk", "flask",
-                    "requests", "urllib3", "model", "advanced_sam", "tools", "tests"),
+                    "requests", "urllib3", "model", "advanced_sam", "sam2_predictor", "sam2", "tools", "tests"),
+    "onnx_sam2.py": ("torch", "torchvision", "sam2", "segment_anything", "mobile_sam", "sam_backend.labelstudio",
+                     "sam_backend.images", "sam_backend.http", "sam_backend.cache", "label_studio_sdk", "flask",
+                     "requests", "urllib3", "model", "advanced_sam", "sam2_predictor", "tools", "tests"),
     "onnx_converter.py": ("sam_backend.labelstudio", "sam_backend.images", "sam_backend.http", "flask", "model", "tools",
                           "tests"),
-    "_wsgi.py": ("torch", "onnxruntime", "advanced_sam", "onnx_sam", "tools", "tests"),
+    "_wsgi.py": ("torch", "onnxruntime", "advanced_sam", "sam2_predictor", "onnx_sam", "onnx_sam2", "tools", "tests"),
 }
 
 

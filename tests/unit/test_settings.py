@@ -61,3 +61,43 @@ def test_wsgi_cli_rejects_bad_options_before_loading_anything():
     answer = subprocess.run([sys.executable, "_wsgi.py", "--with", "nokey"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert answer.returncode == 2 and "is not key=value" in answer.stderr
+
+
+def test_sam2_choice_and_sizes():
+    from sam_backend import catalog
+
+    default = settings.from_environment({"SAM_CHOICE": "SAM2"})
+    assert default.model_type == "sam2.1_tiny" and default.model_name == "SAM2.1-tiny"
+    assert default.checkpoint == catalog.MODELS_DIR / "sam2.1_hiera_tiny.pt"
+    large = settings.from_environment({"SAM_CHOICE": "sam2", "SAM2_SIZE": "large", "DEVICE": "cuda:1"})
+    assert large.model_type == "sam2.1_large" and large.device == "cuda:1"
+    assert catalog.CHECKPOINTS["sam2.1_base_plus"].url.endswith("/092824/sam2.1_hiera_base_plus.pt")
+    with pytest.raises(ValueError, match="SAM2_SIZE='huge': use tiny, small, base_plus, large"):
+        settings.from_environment({"SAM_CHOICE": "SAM2", "SAM2_SIZE": "huge"})
+
+
+def test_sam2_checkpoints_without_a_checksum_must_be_complete_archives(tmp_path):
+    import zipfile
+
+    from sam_backend import catalog
+    from sam_backend.errors import ChecksumError
+
+    checkpoint = catalog.BY_NAME["sam2.1_small"]
+    whole = tmp_path / "whole.pt"
+    with zipfile.ZipFile(whole, "w") as archive:
+        archive.writestr("archive/data.pkl", b"x" * 1000)
+    catalog.verify(whole, checkpoint)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[:600])
+    with pytest.raises(ChecksumError, match="not a complete PyTorch archive"):
+        catalog.verify(cut, checkpoint)
+
+
+def test_sam2_on_onnx_names_its_files_and_the_export_command(tmp_path):
+    from sam_backend.errors import OnnxModelError
+    from sam_backend.sam import loading
+
+    chosen = Settings(sam_choice="SAM2", sam2_size="small", run_onnx_sam=True, onnx_encoder=tmp_path / "none.onnx")
+    assert chosen.onnx_paths[1].name == "sam2.1_small.decoder.onnx"
+    with pytest.raises(OnnxModelError, match="none.onnx does not exist; write it with `python onnx_converter.py"):
+        loading.load(chosen)

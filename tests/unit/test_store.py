@@ -165,6 +165,21 @@ def test_an_embedding_round_trips_by_its_fields():
     assert len(pack_embedding(original)) - original.nbytes < 400  # the header is small
 
 
+def test_an_embedding_with_extra_arrays_round_trips_whole():
+    """SAM 2's embedding carries high-resolution features besides `features`: every array comes back, by name."""
+    from sam_backend.sam.types import Embedding
+
+    rng = np.random.default_rng(5)
+    original = Embedding(features=rng.random((1, 256, 64, 64)).astype(np.float16), original_size=(480, 640),
+                         input_size=(1024, 1024),
+                         extras={"high_res_0": rng.random((1, 32, 256, 256)).astype(np.float16),
+                                 "high_res_1": rng.random((1, 64, 128, 128)).astype(np.float16)})
+    copy = unpack_embedding(pack_embedding(original))
+    assert sorted(copy.arrays()) == ["features", "high_res_0", "high_res_1"]
+    assert all(np.array_equal(copy.arrays()[name], array) for name, array in original.arrays().items())
+    assert (copy.original_size, copy.input_size, copy.nbytes) == ((480, 640), (1024, 1024), original.nbytes)
+
+
 def test_sealed_values_open_only_with_their_secret():
     sealed = Sealer("one").seal(b'{"token": "secret-token"}')
     assert b"secret-token" not in sealed
