@@ -1,42 +1,47 @@
-"""Mask quality benchmark: the standard interactive-segmentation click simulation on scenes with known masks.
+"""Mask quality benchmark: the standard interactive-segmentation click simulation, run through the server.
 
-    python -m tools.quality [--predictor torch|onnx] [--int8] [--clicks 5] [--max-clicks 20]
-                      [--json artifacts/quality.json] [--scenes NAME ...] [--size 480x640]
+    python -m tools.quality [--dataset grabcut20|scenes|DIR] [--predictor torch|onnx|int8 ...]
+                      [--max-clicks 20] [--json artifacts/quality.json] [--traces] [--size 480x640]
 
-Scenes are the composites of `tests/scenes.py` (an object cut out of one real photo, pasted onto another, so
-its mask is known to the pixel): the six of `all_scenes` plus the extra ones (a holed ring, a two-part
-object). Each is embedded once; then, with and without refinement:
+Data: any folder with `images/<id>.<ext>` and `masks/<id>.png` (`--dataset DIR`; object = mask value > 0
+other than `--ignore-value`, channel 0 of an RGB mask; pixels of the ignore value count for nothing),
+`grabcut20` (`../shared/datasets/GrabCut_BSDS20`, 128 = the ignore band, read in place) or `scenes` (the
+synthetic composites of `tools/harness/scenes.py`, no ignore band).
 
-* click 1 is a positive click at the object's most interior point (farthest from its border);
-* every next click goes to the largest error region (a connected component, 8-connectivity, of the false
-  negatives or of the false positives, whichever single component has the most pixels; on a tie the false
-  negative one), at that region's most interior point; positive on a false negative region, negative on a
-  false positive one (the protocol of RITM / SimpleClick / SAM's interactive evaluation, with "largest" by
-  area);
-* "refine" feeds the previous prediction's low-resolution logits back as `Prompt.mask_input`, which is what
-  the server does with REFINE_MASKS when a call only adds clicks; "fresh" decodes every click set alone;
-* a lone first click uses SAM's best multimask output (as the server does), later ones the single output;
-* "box+fresh" / "box+refine" start from a hand-drawn box instead (the object's tight box grown by 10 % a side):
-  prompt 1 is the box alone, then the clicks above are added with the box kept (a smart rectangle, then smart
-  clicks), so their mIoU@1 is the box's and their NoC counts the box as the first prompt.
+Every prompt goes to the backend as Label Studio 1.23 sends it: a `/predict` body made from the recorded
+ones (`tools/harness/bodies`), over real HTTP on loopback, to the app `_wsgi` builds (`http.create_app`
+around `model.SamModel`), so the prompt memory and the mask refinement are those users get. Only the image
+download is replaced: the task's image URL is answered from memory. Each image is embedded once (the
+server's embedding cache).
 
-Reported per mode: mIoU after 1..N clicks (N = --clicks), and NoC@85 / NoC@90, the mean number of clicks
-until IoU >= 0.85 / 0.90, counting --max-clicks for a scene that never gets there (how many never did is
-reported too), and "drops", how many clicks made IoU fall by more than 0.05 (a mask visibly getting worse
-although the click was right). Box IoU is one prompt with the object's tight box (x0, y0, x1 + 1, y1 + 1 of its pixels).
+Protocol (RITM's, as `../shared/datasets/README.md` states it), per object, on a task of its own:
 
-The summary means are over the six standard scenes (`all_scenes`); the extra scenes are listed and
-summarised separately, so the headline numbers stay comparable when scenes are added.
+* click 1 is positive, at the object pixel farthest from its boundary;
+* every next click goes to the pixel farthest from the boundary (the image border counting as boundary) of
+  the false negatives or of the false positives, whichever reaches farther (false negatives on a tie),
+  positive or negative accordingly; ignore pixels are neither;
+* all clicks so far are sent each call, 20 clicks (--max-clicks) per object;
+* then, on the same task, a box (the object's tight box, x1 / y1 one past its last pixel): "box after clicks";
+  and the same box on a fresh task: "box alone".
+
+Reported: mIoU@k (k = 1..max-clicks; IoU over the non-ignore pixels), NoC@85 / NoC@90 (clicks until IoU >= t,
+max-clicks when never), "drops" (objects where some added click lowered the IoU by more than 0.05; the
+issue's goal: at most 1 in 20), box after clicks and box alone, decode latency per call. `--traces` prints
+each object's IoU after every click.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import logging
 import os
 import platform
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -44,14 +49,65 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent.parent  # the repository
 
-from sam_backend.sam.types import Embedding, Predictor, Prompt  # noqa: E402
-from tools.harness.scenes import EXTRA_RECIPES, RECIPES, interior_point, iou, scene  # noqa: E402
+from sam_backend import catalog
+from sam_backend.encoding import rle
+from sam_backend.sam.types import Predictor
+from sam_backend.settings import Settings
+from tools.harness import recordings
+from tools.harness.scenes import EXTRA_RECIPES, RECIPES, scene
 
 THRESHOLDS = (0.85, 0.90)
-MODES = ("fresh", "refine")
-ALL_MODES = MODES + tuple(f"box+{mode}" for mode in MODES)
+GRABCUT20 = HERE.parent / "shared" / "datasets" / "GrabCut_BSDS20"
+DROP = 0.05  # an added click that lowers IoU by more than this is a visible jump
+REPORTED_CLICKS = (1, 2, 3, 5, 10, 20)
+BOX_AFTER = (1, 2, 3, 5)  # a box drawn after this many clicks (and after the last one)
 
 
+# ---- data -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    """One object to segment. image: (H, W, 3) uint8 RGB; truth, ignore: (H, W) bool (ignore: not counted)."""
+
+    name: str
+    image: np.ndarray
+    truth: np.ndarray
+    ignore: np.ndarray
+
+
+def folder_items(folder: Path, ignore_value: int | None = 128, names: Sequence[str] | None = None) -> list[Item]:
+    """The objects of `folder`: images/<id>.* with masks/<id>.png, sorted by id (or the ids `names`)."""
+    folder = Path(folder)
+    masks = {p.stem: p for p in sorted((folder / "masks").glob("*.png"))}
+    images = {p.stem: p for p in sorted((folder / "images").iterdir()) if p.stem in masks}
+    if not images:
+        raise FileNotFoundError(f"no images/<id>.* with masks/<id>.png in {folder}")
+    items = []
+    for name in names or sorted(images):
+        bgr = cv2.imread(str(images[name]), cv2.IMREAD_COLOR)
+        mask = cv2.imread(str(masks[name]), cv2.IMREAD_UNCHANGED)
+        if bgr is None or mask is None:
+            raise ValueError(f"cannot read {images[name]} or {masks[name]}")
+        if mask.ndim == 3:
+            mask = mask[:, :, 0]  # 124084.png of GrabCut20 is RGB: its channels are equal
+        ignore = mask == ignore_value if ignore_value is not None else np.zeros(mask.shape, bool)
+        items.append(Item(name, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (mask > 0) & ~ignore, ignore))
+    return items
+
+
+def scene_items(names: Sequence[str] | None = None, size: tuple[int, int] = (480, 640)) -> list[Item]:
+    names = names or list(RECIPES) + list(EXTRA_RECIPES)
+    return [Item(n, s.image, s.mask, np.zeros(s.mask.shape, bool)) for n in names for s in [scene(n, size)]]
+
+
+def iou(prediction: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None = None) -> float:
+    """IoU of two (H, W) bool masks over the pixels not in `ignore`."""
+    if ignore is not None:
+        prediction, truth = prediction & ~ignore, truth & ~ignore
+    union = np.logical_or(prediction, truth).sum()
+    return float(np.logical_and(prediction, truth).sum() / union) if union else 1.0
+
+
+# ---- the clicks -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Click:
     x: float
@@ -59,128 +115,40 @@ class Click:
     positive: bool
 
 
-def error_click(prediction: np.ndarray, truth: np.ndarray) -> Click | None:
-    """The next simulated click: at the most interior point of the largest error region; None if no error.
+def _depth(region: np.ndarray) -> np.ndarray:
+    """Distance of each pixel of `region` to the nearest pixel outside it, the image border counting as outside."""
+    return cv2.distanceTransform(np.pad(region, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
 
-    prediction, truth: (H, W) bool. Error regions are the 8-connected components of the false negatives
-    (truth and not predicted: a positive click) and of the false positives (predicted, not truth: a
-    negative click). The largest by pixel count wins, a false negative one on a tie.
-    """
-    best: tuple[int, int, np.ndarray] | None = None  # (area, tie rank, component mask)
-    for rank, (errors, positive) in enumerate(((truth & ~prediction, True), (prediction & ~truth, False))):
-        if not errors.any():
-            continue
-        count, labels, stats, _ = cv2.connectedComponentsWithStats(errors.astype(np.uint8), connectivity=8)
-        largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-        area = int(stats[largest, cv2.CC_STAT_AREA])
-        if best is None or area > best[0]:
-            best = (area, rank, labels == largest)
-    if best is None:
-        return None
-    x, y = interior_point(best[2])
-    return Click(x, y, positive=best[1] == 0)
+
+def _deepest(region: np.ndarray) -> tuple[float, float, float]:
+    depth = _depth(region)
+    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return float(depth[y, x]), float(x), float(y)
 
 
 def first_click(truth: np.ndarray) -> Click:
-    x, y = interior_point(truth)
+    """A positive click at the object's pixel farthest from its boundary."""
+    _, x, y = _deepest(truth)
     return Click(x, y, positive=True)
 
 
-def prompt_of(clicks: list[Click], mask_input: np.ndarray | None = None, box: np.ndarray | None = None) -> Prompt:
-    return Prompt(points=np.array([[c.x, c.y] for c in clicks], np.float32).reshape(-1, 2),
-                  labels=np.array([1 if c.positive else 0 for c in clicks], np.int32),
-                  box=box, mask_input=mask_input)
-
-
-@dataclass
-class Run:
-    """One click simulation: IoU after each click and the clicks made."""
-
-    ious: list[float] = field(default_factory=list)
-    clicks: list[Click] = field(default_factory=list)
-
-    def noc(self, threshold: float, max_clicks: int) -> int:
-        """Clicks until IoU >= threshold; max_clicks if it never gets there."""
-        return next((i + 1 for i, value in enumerate(self.ious) if value >= threshold), max_clicks)
-
-    def reached(self, threshold: float) -> bool:
-        return any(value >= threshold for value in self.ious)
-
-    def drops(self, by: float = 0.05) -> int:
-        """Clicks after which IoU fell by more than `by`: a mask that gets visibly worse when the user helps."""
-        return sum(after < before - by for before, after in zip(self.ious, self.ious[1:]))
-
-    def iou_at(self, clicks: int) -> float:
-        """IoU after `clicks` clicks (the last one reached if the simulation stopped early on a perfect mask)."""
-        return self.ious[min(clicks, len(self.ious)) - 1]
-
-
-def simulate(predictor: Predictor, embedding: Embedding, truth: np.ndarray, refine: bool,
-             max_clicks: int = 20, min_clicks: int = 5, stop_at: float = max(THRESHOLDS),
-             box: np.ndarray | None = None) -> Run:
-    """Click until `max_clicks`, or until at least `min_clicks` were made and IoU reached `stop_at`.
-
-    With `box` (x0, y0, x1, y1 pixels) the first prompt is that box alone and every later one the box with the
-    clicks so far (a smart rectangle, then smart clicks); `Run.ious[0]` is then the box's IoU and `Run.clicks`
-    holds only the clicks. Stopping early changes no reported number: mIoU needs `min_clicks` IoUs and NoC
-    only the first prompt reaching each threshold.
-    """
-    truth = np.asarray(truth, bool)
-    run = Run(clicks=[] if box is not None else [first_click(truth)])
-    logits = None
-    while True:
-        prediction = predictor.decode(embedding, prompt_of(run.clicks, logits if refine else None, box))
-        run.ious.append(iou(prediction.mask, truth))
-        logits = prediction.low_res_logits
-        if len(run.ious) >= max_clicks or (len(run.ious) >= min_clicks and run.reached(stop_at)):
-            return run
-        click = error_click(prediction.mask, truth)
-        if click is None:  # a perfect mask: every later click would be the same
-            return run
-        run.clicks.append(click)
+def error_click(prediction: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None = None) -> Click | None:
+    """The next click (RITM): at the deepest pixel of the false negatives or of the false positives, whichever
+    is deeper (false negatives on a tie); None when there is no error. prediction, truth, ignore: (H, W) bool."""
+    keep = ~ignore if ignore is not None else True
+    best: tuple[float, float, float, bool] | None = None
+    for errors, positive in ((truth & ~prediction & keep, True), (prediction & ~truth & keep, False)):
+        if errors.any():
+            depth, x, y = _deepest(errors)
+            if best is None or depth > best[0]:
+                best = (depth, x, y, positive)
+    return None if best is None else Click(best[1], best[2], best[3])
 
 
 def tight_box(mask: np.ndarray) -> np.ndarray:
     """x0, y0, x1, y1 (float32) of the mask's pixels, x1 / y1 one past the last pixel (COCO's x + w)."""
     ys, xs = np.nonzero(mask)
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
-
-
-def box_iou(predictor: Predictor, embedding: Embedding, truth: np.ndarray) -> float:
-    prompt = Prompt(np.zeros((0, 2), np.float32), np.zeros(0, np.int32), box=tight_box(truth))
-    return iou(predictor.decode(embedding, prompt).mask, truth)
-
-
-def summarise(runs: dict[str, Run], boxes: dict[str, float], clicks: int, max_clicks: int) -> dict:
-    if not runs:
-        return {}
-    summary = {f"mIoU@{k}": round(float(np.mean([r.iou_at(k) for r in runs.values()])), 4)
-               for k in range(1, clicks + 1)}
-    for threshold in THRESHOLDS:
-        name = f"{round(threshold * 100)}"
-        summary[f"NoC@{name}"] = round(float(np.mean([r.noc(threshold, max_clicks) for r in runs.values()])), 2)
-        summary[f"failed@{name}"] = sum(not r.reached(threshold) for r in runs.values())
-    summary["drops"] = sum(r.drops() for r in runs.values())
-    summary["box_IoU"] = round(float(np.mean(list(boxes.values()))), 4)
-    return summary
-
-
-def load_predictor(kind: str, int8: bool = False, threads: int = 0) -> Predictor:
-    models = HERE / "models"
-    if kind == "onnx":
-        from onnx_sam import OnnxSamPredictor
-
-        suffix = ".int8.onnx" if int8 else ".onnx"
-        encoder, decoder = models / f"vit_t.encoder{suffix}", models / f"vit_t.decoder{suffix}"
-        return OnnxSamPredictor.load(encoder, decoder, model_version=f"MobileSAM-onnx{'-int8' if int8 else ''}",
-                                     threads=threads)
-    import torch
-
-    from advanced_sam import TorchSamPredictor
-
-    if threads:
-        torch.set_num_threads(threads)
-    return TorchSamPredictor.load("vit_t", models / "mobile_sam.pt", "cpu", model_version="MobileSAM")
 
 
 def loose_box(mask: np.ndarray, margin: float = 0.1) -> np.ndarray:
@@ -191,79 +159,287 @@ def loose_box(mask: np.ndarray, margin: float = 0.1) -> np.ndarray:
     return np.array([max(x0 - dx, 0), max(y0 - dy, 0), min(x1 + dx, width), min(y1 + dy, height)], np.float32)
 
 
-def benchmark(predictor: Predictor, names: list[str], size: tuple[int, int], clicks: int = 5,
-              max_clicks: int = 20, log=print) -> dict:
-    """Every number of the report, as a JSON-ready dict.
+# ---- Label Studio's calls -------------------------------------------------------------------------------------
+class MemoryImages:
+    """Stands in for `sam_backend.images.ImageLoader`: the bytes of each image URL from memory, no download."""
 
-    Besides the click-only runs (MODES), each mode is also run box first ("box+" modes): a loose box (the
-    tight one grown by 10 % a side), then clicks as usual with the box kept, so prompt 1 is the box alone.
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+
+    def add(self, url: str, image: np.ndarray) -> None:
+        ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))  # lossless: the pixels as read
+        assert ok
+        self.files[url] = data.tobytes()
+
+    def fetch(self, url: str, fallback=None, task_id: int | None = None) -> bytes:
+        return self.files[url]
+
+
+def keypoint_region(click: Click, index: int, size: tuple[int, int]) -> dict:
+    """A smart keypoint as the editor sends it (percent of the image; `is_positive`, alt-click = false)."""
+    height, width = size
+    region = copy.deepcopy(recordings.recorded("keypoints_positive_and_negative")["params"]["context"]["result"][0])
+    region.update(original_width=width, original_height=height, id=f"kp{index:04d}", is_positive=click.positive)
+    region["value"].update(x=100 * click.x / width, y=100 * click.y / height)
+    return region
+
+
+def rectangle_region(box: np.ndarray, name: str, size: tuple[int, int]) -> dict:
+    height, width = size
+    region = copy.deepcopy(recordings.recorded("rectangle")["params"]["context"]["result"][0])
+    x0, y0, x1, y1 = (float(v) for v in box)
+    region.update(original_width=width, original_height=height, id=name)
+    region["value"].update(x=100 * x0 / width, y=100 * y0 / height, width=100 * (x1 - x0) / width,
+                           height=100 * (y1 - y0) / height)
+    return region
+
+
+def predict_body(task_id: int, url: str, regions: list[dict]) -> dict:
+    """A recorded interactive /predict body with this task, image and context (drafts left empty: on a fresh
+    task the editor's autosave is behind, so the server's memory is what holds the earlier regions)."""
+    body = recordings.recorded("keypoints_positive_and_negative")
+    task = body["tasks"][0]
+    task.update(id=task_id, drafts=[], annotations=[])
+    task["data"]["image"] = url
+    body["params"]["context"] = {"result": regions}
+    return body
+
+
+class Backend:
+    """The backend `_wsgi` builds, around `predictor`, on a loopback port (werkzeug); images from memory."""
+
+    def __init__(self, predictor: Predictor, settings: Settings | None = None) -> None:
+        import requests
+        from werkzeug.serving import make_server
+
+        from model import SamModel
+        from sam_backend.http import create_app
+
+        self.settings = settings or Settings(device="cpu")
+        self.images = MemoryImages()
+        self.model = SamModel(predictor, self.settings, images=self.images)  # type: ignore[arg-type]
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+        self.server = make_server("127.0.0.1", 0, create_app(self.model, self.settings), threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.session = requests.Session()
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def predict(self, body: dict, size: tuple[int, int]) -> tuple[np.ndarray, float]:
+        """POST /predict; (the (H, W) bool mask of its brush result, or all False when none; seconds)."""
+        started = time.perf_counter()
+        response = self.session.post(f"{self.url}/predict", json=body, timeout=600)
+        seconds = time.perf_counter() - started
+        response.raise_for_status()
+        mask = np.zeros(size, bool)
+        for region in response.json()["results"][0]["result"]:
+            if region["type"] == "brushlabels":
+                mask |= rle.decode(region["value"]["rle"], *size) > 0
+        return mask, seconds
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.session.close()
+
+
+# ---- one object -----------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One object's simulation: IoU after each click, the clicks, then the box after the clicks and alone."""
+
+    ious: list[float] = field(default_factory=list)
+    clicks: list[Click] = field(default_factory=list)
+    box_after: dict[int, float] = field(default_factory=dict)  # clicks before the box -> its IoU
+    box_alone: float = float("nan")
+    seconds: list[float] = field(default_factory=list)
+
+    def noc(self, threshold: float, max_clicks: int) -> int:
+        """Clicks until IoU >= threshold; max_clicks if it never gets there."""
+        return next((i + 1 for i, value in enumerate(self.ious) if value >= threshold), max_clicks)
+
+    def reached(self, threshold: float) -> bool:
+        return any(value >= threshold for value in self.ious)
+
+    def drops(self, by: float = DROP) -> int:
+        """Clicks after which IoU fell by more than `by`: a mask that gets visibly worse when the user helps."""
+        return sum(after < before - by for before, after in zip(self.ious, self.ious[1:]))
+
+    def worst_drop(self) -> float:
+        return max([0.0] + [before - after for before, after in zip(self.ious, self.ious[1:])])
+
+    def iou_at(self, clicks: int) -> float:
+        """IoU after `clicks` clicks (the last one reached if the simulation stopped early on a perfect mask)."""
+        return self.ious[min(clicks, len(self.ious)) - 1]
+
+
+Decode = Callable[[list[Click], "np.ndarray | None", int], tuple[np.ndarray, float]]
+
+
+def simulate(decode: Decode, item: Item, max_clicks: int = 20, boxes: bool = True) -> Run:
+    """Click `max_clicks` times (fewer on a perfect mask), then the box after k clicks (k in BOX_AFTER and
+    the last) and the box alone.
+
+    decode(clicks, box, task) -> (mask, seconds): `clicks` are all the clicks so far (or, with `box`, those
+    made before it on `task`), `task` 0 for the object's own task, another number for a fresh one.
     """
-    runs: dict[str, dict[str, Run]] = {mode: {} for mode in ALL_MODES}
-    boxes: dict[str, float] = {}
-    scenes_out = {}
+    run = Run(clicks=[first_click(item.truth)])
+    while True:
+        mask, seconds = decode(run.clicks, None, 0)
+        run.ious.append(iou(mask, item.truth, item.ignore))
+        run.seconds.append(seconds)
+        if len(run.ious) >= max_clicks:
+            break
+        click = error_click(mask, item.truth, item.ignore)
+        if click is None:
+            break
+        run.clicks.append(click)
+    run.clicks = run.clicks[:len(run.ious)]
+    if boxes:
+        box = tight_box(item.truth)
+        run.box_after[len(run.clicks)] = iou(decode(run.clicks, box, 0)[0], item.truth, item.ignore)
+        for task, k in enumerate((k for k in BOX_AFTER if k < len(run.clicks)), start=1):
+            decode(run.clicks[:k], None, task)  # the clicks first, on a task of their own
+            run.box_after[k] = iou(decode(run.clicks[:k], box, task)[0], item.truth, item.ignore)
+        run.box_alone = iou(decode([], box, len(BOX_AFTER) + 1)[0], item.truth, item.ignore)
+    return run
+
+
+def server_decoder(backend: Backend, item: Item, task_id: int) -> Decode:
+    """Decode through `backend` as the editor calls it: every click of the object each call, on one task; a
+    box is a call of its own (the editor never mixes keypoints and rectangles in one call)."""
+    url = f"/data/upload/1/{item.name}.png"
+    backend.images.add(url, item.image)
+    size = item.truth.shape
+
+    def decode(clicks: list[Click], box: np.ndarray | None, task: int) -> tuple[np.ndarray, float]:
+        if box is None:
+            regions = [keypoint_region(c, i, size) for i, c in enumerate(clicks)]
+        else:
+            regions = [rectangle_region(box, "box", size)]
+        return backend.predict(predict_body(task_id * 100 + task, url, regions), size)
+
+    return decode
+
+
+# ---- the report -----------------------------------------------------------------------------------------------
+def summarise(runs: dict[str, Run], max_clicks: int) -> dict:
+    summary: dict = {f"mIoU@{k}": round(float(np.mean([r.iou_at(k) for r in runs.values()])), 4)
+                     for k in range(1, max_clicks + 1)}
+    for threshold in THRESHOLDS:
+        name = f"{round(threshold * 100)}"
+        summary[f"NoC@{name}"] = round(float(np.mean([r.noc(threshold, max_clicks) for r in runs.values()])), 2)
+        summary[f"failed@{name}"] = sum(not r.reached(threshold) for r in runs.values())
+    summary["objects_with_drops"] = sum(r.drops() > 0 for r in runs.values())
+    summary["drops"] = sum(r.drops() for r in runs.values())
+    after = [v for r in runs.values() for v in r.box_after.values()]
+    summary["box_after_clicks"] = round(float(np.mean(after)), 4) if after else None
+    summary["box_after_worse"] = sum(v < r.box_alone - DROP for r in runs.values() for v in r.box_after.values())
+    summary["box_alone"] = round(float(np.nanmean([r.box_alone for r in runs.values()])), 4)
+    seconds = [s for r in runs.values() for s in r.seconds]
+    summary["ms_per_click"] = round(1000 * float(np.median(seconds)), 1) if seconds else None
+    return summary
+
+
+def benchmark(predictor: Predictor, items: Sequence[Item], max_clicks: int = 20, settings: Settings | None = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Every number of the report, as a JSON-ready dict: each object through a fresh backend around
+    `predictor` (one embedding per image, kept by the server's cache)."""
+    backend = Backend(predictor, settings)
+    runs: dict[str, Run] = {}
     started = time.perf_counter()
-    for name in names:
-        item = scene(name, size)
-        embedding = predictor.embed(item.image)
-        boxes[name] = box_iou(predictor, embedding, item.mask)
-        scenes_out[name] = {"box_IoU": round(boxes[name], 4)}
-        for mode in ALL_MODES:
-            box = loose_box(item.mask) if mode.startswith("box+") else None
-            run = simulate(predictor, embedding, item.mask, refine=mode.endswith("refine"), max_clicks=max_clicks,
-                           min_clicks=clicks, box=box)
-            runs[mode][name] = run
-            scenes_out[name][mode] = {
-                "ious": [round(v, 4) for v in run.ious],
-                "clicks": [[round(c.x, 1), round(c.y, 1), int(c.positive)] for c in run.clicks],
-                **{f"NoC@{round(t * 100)}": run.noc(t, max_clicks) for t in THRESHOLDS},
-            }
-        log(f"  {name}: box {boxes[name]:.3f}, " + ", ".join(
-            f"{mode} " + " ".join(f"{v:.3f}" for v in runs[mode][name].ious[:clicks]) for mode in ALL_MODES))
-    groups = {"standard": [n for n in names if n in RECIPES], "extra": [n for n in names if n not in RECIPES]}
-    summary = {group: {mode: summarise({n: runs[mode][n] for n in members}, {n: boxes[n] for n in members},
-                                       clicks, max_clicks)
-                       for mode in ALL_MODES}
-               for group, members in groups.items() if members}
-    return {"predictor": predictor.model_version, "size": list(size), "clicks": clicks, "max_clicks": max_clicks,
-            "thresholds": list(THRESHOLDS), "groups": groups, "summary": summary, "scenes": scenes_out,
+    try:
+        for task_id, item in enumerate(items, start=1):
+            runs[item.name] = run = simulate(server_decoder(backend, item, task_id), item, max_clicks)
+            log(f"  {item.name:<24} " + " ".join(f"{v:.3f}" for v in run.ious[:5])
+                + f" ... {run.ious[-1]:.3f}  box after " + " ".join(f"{v:.3f}" for v in run.box_after.values())
+                + f" alone {run.box_alone:.3f}"
+                + (f"  DROP {run.worst_drop():.3f}" if run.drops() else ""))
+    finally:
+        backend.close()
+    return {"predictor": predictor.model_version, "max_clicks": max_clicks, "thresholds": list(THRESHOLDS),
+            "summary": summarise(runs, max_clicks),
+            "objects": {name: {"ious": [round(v, 4) for v in r.ious],
+                               "clicks": [[round(c.x, 1), round(c.y, 1), int(c.positive)] for c in r.clicks],
+                               "box_after_clicks": {k: round(v, 4) for k, v in sorted(r.box_after.items())}, "box_alone": round(r.box_alone, 4),
+                               **{f"NoC@{round(t * 100)}": r.noc(t, max_clicks) for t in THRESHOLDS}}
+                        for name, r in runs.items()},
             "seconds": round(time.perf_counter() - started, 1), "machine": platform.machine(),
             "threads": os.environ.get("OMP_NUM_THREADS")}
 
 
-def table(report: dict) -> str:
-    clicks = report["clicks"]
-    columns = [f"mIoU@{k}" for k in range(1, clicks + 1)] + ["NoC@85", "NoC@90", "failed@90", "drops", "box_IoU"]
-    lines = [f"{report['predictor']}, {report['size'][0]}x{report['size'][1]}, NoC capped at "
-             f"{report['max_clicks']} clicks"]
-    header = f"{'scenes':<10} {'mode':<12} " + " ".join(f"{c:>9}" for c in columns)
-    lines += [header, "-" * len(header)]
-    for group, modes in report["summary"].items():
-        label = f"{group}({len(report['groups'][group])})"
-        for mode, numbers in modes.items():
-            lines.append(f"{label:<10} {mode:<12} " + " ".join(f"{numbers[c]:>9}" for c in columns))
+def table(reports: dict[str, dict], dataset: str) -> str:
+    """The issue's table: one row per predictor."""
+    any_report = next(iter(reports.values()))
+    max_clicks = any_report["max_clicks"]
+    shown = [k for k in REPORTED_CLICKS if k <= max_clicks]
+    columns = ([f"mIoU@{k}" for k in shown] + ["NoC@85", "NoC@90", "failed@90", "objects_with_drops",
+               "box_after_clicks", "box_after_worse", "box_alone", "ms_per_click"])
+    heads = [c.replace("objects_with_drops", "drop>0.05").replace("box_after_clicks", "box after").replace("box_after_worse", "box worse")
+             .replace("box_alone", "box alone").replace("ms_per_click", "ms/call") for c in columns]
+    count = len(any_report["objects"])
+    after = ", ".join(map(str, BOX_AFTER))
+    lines = [(f"{dataset}: {count} objects, {max_clicks} clicks; drop>0.05 = objects where an added click lowered "
+             f"IoU by more than {DROP}; box after = mean IoU of the object's box drawn after {after} and all "
+             f"clicks; box worse = how many of those lost more than {DROP} to the box alone"),
+             f"| {'predictor':<22} | " + " | ".join(f"{h:>9}" for h in heads) + " |",
+             "|" + "---|" * (len(columns) + 1)]
+    for name, report in reports.items():
+        numbers = report["summary"]
+        lines.append(f"| {name:<22} | " + " | ".join(f"{numbers[c]:>9}" for c in columns) + " |")
     return "\n".join(lines)
+
+
+def traces(report: dict) -> Iterator[str]:
+    for name, numbers in report["objects"].items():
+        yield f"{name:<24} " + " ".join(f"{v:.2f}" for v in numbers["ious"])
+
+
+def load_predictor(kind: str, threads: int = 0, onnx_dir: Path = catalog.MODELS_DIR) -> Predictor:
+    """torch, onnx or int8 MobileSAM; the ONNX files from `onnx_dir` (catalog.onnx_paths)."""
+    if kind in ("onnx", "int8"):
+        from onnx_sam import OnnxSamPredictor
+
+        encoder, decoder = catalog.onnx_paths("vit_t", onnx_dir, int8=kind == "int8")
+        return OnnxSamPredictor.load(encoder, decoder, model_version=f"MobileSAM-{kind}", threads=threads)
+    from advanced_sam import TorchSamPredictor
+
+    return TorchSamPredictor.load("vit_t", catalog.CHECKPOINTS["vit_t"].default_path, "cpu",
+                                  model_version="MobileSAM-torch", threads=threads)
+
+
+def dataset_items(dataset: str, ignore_value: int, size: tuple[int, int], names: Sequence[str] | None) -> list[Item]:
+    if dataset == "scenes":
+        return scene_items(names, size)
+    folder = GRABCUT20 if dataset == "grabcut20" else Path(dataset)
+    return folder_items(folder, ignore_value, names)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--predictor", choices=("torch", "onnx"), default="torch")
-    parser.add_argument("--int8", action="store_true", help="with --predictor onnx: the int8 models")
-    parser.add_argument("--clicks", type=int, default=5, help="report mIoU after 1..CLICKS clicks")
-    parser.add_argument("--max-clicks", type=int, default=20, help="NoC cap")
-    parser.add_argument("--scenes", nargs="+", default=list(RECIPES) + list(EXTRA_RECIPES),
-                        choices=list(RECIPES) + list(EXTRA_RECIPES))
+    parser.add_argument("--dataset", default="grabcut20", help="grabcut20, scenes, or a folder of images/ + masks/")
+    parser.add_argument("--ignore-value", type=int, default=128, help="mask value not counted (folders)")
+    parser.add_argument("--names", nargs="+", help="only these ids / scene names")
+    parser.add_argument("--predictor", nargs="+", choices=("torch", "onnx", "int8"), default=["torch"])
+    parser.add_argument("--onnx-dir", type=Path, default=catalog.MODELS_DIR, help="folder of the ONNX files")
+    parser.add_argument("--max-clicks", type=int, default=20, help="clicks per object, and the NoC cap")
     parser.add_argument("--size", default="480x640", help="HxW of the scenes")
     parser.add_argument("--threads", type=int, default=0, help="torch / onnxruntime threads (0: default)")
+    parser.add_argument("--no-refine", action="store_true", help="the server with REFINE_MASKS=false")
+    parser.add_argument("--traces", action="store_true", help="print every object's IoU after each click")
     parser.add_argument("--json", type=Path, default=HERE / "artifacts" / "quality.json")
     args = parser.parse_args(argv)
-    if not 1 <= args.clicks <= args.max_clicks:
-        parser.error("need 1 <= --clicks <= --max-clicks")
     height, width = (int(v) for v in args.size.lower().split("x"))
-    predictor = load_predictor(args.predictor, args.int8, args.threads)
-    report = benchmark(predictor, args.scenes, (height, width), args.clicks, args.max_clicks)
-    print(table(report))
+    items = dataset_items(args.dataset, args.ignore_value, (height, width), args.names)
+    settings = replace(Settings(device="cpu"), refine_masks=not args.no_refine)
+    reports = {}
+    for kind in args.predictor:
+        print(f"{kind}:")
+        predictor = load_predictor(kind, args.threads, args.onnx_dir)
+        reports[predictor.model_version] = benchmark(predictor, items, args.max_clicks, settings)
+        if args.traces:
+            print("\n".join(traces(reports[predictor.model_version])))
+    print(table(reports, args.dataset))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
+    args.json.write_text(json.dumps(reports, indent=1))
     print(f"wrote {args.json}")
     return 0
 

@@ -293,7 +293,8 @@ def test_int8_masks_against_float32(int8_files, onnx_files, onnx_predictor, onnx
     extensions; the signed recipe (U8S8) flipped the chelsea click to IoU 0.03 on AVX2-only CPUs (onnx_converter).
     """
     from tools import quality
-    from tools.harness.scenes import RECIPES, scene
+    from sam_backend.settings import Settings
+    from tools.harness.scenes import RECIPES
 
     int8 = OnnxSamPredictor.load(*int8_files, model_version="MobileSAM-int8", threads=THREADS)
     sizes = {path.name: round(path.stat().st_size / 1e6, 1) for path in (*onnx_files, *int8_files)}
@@ -319,11 +320,9 @@ def test_int8_masks_against_float32(int8_files, onnx_files, onnx_predictor, onnx
     summaries = {}
     for name, predictor in (("fp32", onnx_predictor), ("int8", int8)):
         for refine in (False, True):
-            runs = {}
-            for recipe in RECIPES:
-                item = scene(recipe, (480, 640))
-                runs[recipe] = quality.simulate(predictor, predictor.embed(item.image), item.mask, refine=refine)
-            summaries[name, refine] = quality.summarise(runs, {"-": 1.0}, clicks=5, max_clicks=20)
+            settings = Settings(device="cpu", refine_masks=refine)
+            summaries[name, refine] = quality.benchmark(predictor, quality.scene_items(list(RECIPES)), 20, settings,
+                                                        log=lambda line: None)["summary"]
     for refine in (False, True):
         fp32, got = summaries["fp32", refine], summaries["int8", refine]
         print(f"click simulation, refine={refine}: fp32 {fp32}\n                                int8 {got}")
