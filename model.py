@@ -32,6 +32,7 @@ from sam_backend.images.references import is_immutable, names_peer
 from sam_backend.labelstudio import context, label_config, prompting, results
 from sam_backend.labelstudio.memory import PromptMemory, SharedPromptMemory
 from sam_backend.lru import BoundedLRU
+from sam_backend.sam import refinement
 from sam_backend.sam.types import Embedding, Predictor
 from sam_backend.settings import Settings
 from sam_backend.store import GuardedStore, StateStore, open_store
@@ -193,7 +194,7 @@ class SamModel:
         for target, prompt in prompting.assemble(regions, task, config, self.memory, task_key,
                                                  embedding.original_size, self.settings):
             with self._clicks:
-                prediction = self.predictor.decode(embedding, prompt)
+                prediction = refinement.decode(self.predictor, embedding, prompt)
                 self.memory.remember_mask(task_key, target, prompt, prediction.low_res_logits)
                 if prediction.mask.any():
                     found += results.mask_results(prediction.mask, prediction.score, target, image_name, config,

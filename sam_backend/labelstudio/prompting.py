@@ -21,7 +21,7 @@ from sam_backend.errors import ContextError
 from sam_backend.labelstudio.context import Region, draft_regions
 from sam_backend.labelstudio.label_config import ProjectConfig
 from sam_backend.labelstudio.memory import PromptMemory
-from sam_backend.sam.types import Prompt
+from sam_backend.sam.types import MULTIMASK_POINTS, Prompt
 from sam_backend.settings import Settings
 
 
@@ -45,7 +45,9 @@ def assemble(call: Sequence[Region], task: Mapping[str, Any], config: ProjectCon
         prompt = build_prompt(of_target, image_size, settings.max_points)
         if prompt is None:
             continue
-        if settings.refine_masks:
+        if settings.refine_masks and (prompt.box is not None or len(prompt.points) > MULTIMASK_POINTS):
+            # up to MULTIMASK_POINTS clicks the prompt stays ambiguous: SAM's three masks of the clicks alone
+            # beat a refinement of the first click's mask (Prompt.is_ambiguous)
             previous = memory.previous_mask(task_key, target, prompt)
             if previous is not None:
                 prompt = replace(prompt, mask_input=previous)

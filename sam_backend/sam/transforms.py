@@ -86,9 +86,10 @@ def best_prediction(low_res: np.ndarray, iou: np.ndarray, prompt: Prompt, embedd
     """Pick SAM's mask for `prompt` from the decoder's four outputs and scale it to the original image.
 
     low_res: (4, 256, 256) float32 logits; iou: (4,) predicted IoUs. Index 0 is the single-mask output;
-    1..3 are the multimask outputs, used for a lone click, where the best predicted IoU wins.
+    1..3 are the multimask outputs, used for an ambiguous prompt (one or two clicks, `Prompt.is_ambiguous`),
+    where the best predicted IoU wins.
     """
-    if prompt.is_single_click:
+    if prompt.is_ambiguous:
         index = 1 + int(np.argmax(iou[1:]))
     else:
         index = 0

@@ -94,7 +94,7 @@ def test_masks_match_the_official_predictor(torch_predictor):
         masks, scores, _ = official.predict(
             point_coords=prompt.points if len(prompt.points) else None,
             point_labels=prompt.labels if len(prompt.points) else None,
-            box=prompt.box, multimask_output=prompt.is_single_click)
+            box=prompt.box, multimask_output=prompt.is_ambiguous)
         best = int(np.argmax(scores))
         assert iou(ours.mask, masks[best]) >= 0.999
         assert ours.score == pytest.approx(float(scores[best]), abs=1e-4)

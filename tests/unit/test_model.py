@@ -162,18 +162,29 @@ def test_an_empty_mask_gives_no_region(make):
 # ---- across calls -------------------------------------------------------------------------------------------
 def test_clicks_are_remembered_across_calls_and_refine_the_previous_mask(make):
     """With the alias convention a positive and a negative click never come in one call: the memory joins
-    them, and the second prompt carries the first one's mask (it only adds a click)."""
+    them. Two clicks are still ambiguous (SAM's three masks of the clicks alone, Prompt.is_ambiguous); from the
+    third click on, a prompt that only adds a click carries the previous mask."""
     model, predictor, images = make()
     model.predict(recorded("alias_positive_keypoint"))
     (region,) = only_result(model.predict(recorded("alias_negative_keypoint_alone")))
     first, second = predictor.prompts
     assert np.allclose(second.points, points((40, 45), (90, 10))) and second.labels.tolist() == [1, 0]
-    assert second.mask_input is not None and np.all(second.mask_input == 1)  # decode 1's logits
+    assert second.mask_input is None and second.is_ambiguous
     assert np.array_equal(brush_mask(region), predictor.mask(second, (H, W)))
+    another = recorded("alias_positive_keypoint")  # the positive group's regions, as Label Studio sends them
+    (click,) = another["params"]["context"]["result"]
+    added = copy.deepcopy(click)
+    added.update(id="third-click")
+    added["value"].update(x=50.0, y=50.0)
+    another["params"]["context"]["result"].append(added)
+    model.predict(another)
+    third = predictor.prompts[2]
+    assert sorted(third.labels.tolist()) == [0, 1, 1] and third.mask_input is not None
+    assert np.all(third.mask_input == 2)  # decode 2's logits
     # a rectangle changes the prompt's box: no refinement, but the clicks stay
     model.predict(recorded("alias_rectangle"))
-    third = predictor.prompts[2]
-    assert third.labels.tolist() == [1, 0] and third.box is not None and third.mask_input is None
+    fourth = predictor.prompts[3]
+    assert sorted(fourth.labels.tolist()) == [0, 1, 1] and fourth.box is not None and fourth.mask_input is None
     assert len(images.fetches) == 1 and predictor.images == [(H, W)]  # one download, one embedding
 
 

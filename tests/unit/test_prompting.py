@@ -205,17 +205,28 @@ def test_one_prompt_per_class_in_the_calls_order():
 def test_the_previous_mask_is_fed_back_only_when_clicks_are_added():
     memory = PromptMemory()
     logits = np.full((1, 256, 256), 3.0, np.float32)
-    body = recorded("keypoints_positive_and_negative")
-    first_call = copy.deepcopy(body)
-    first_call["params"]["context"]["result"] = first_call["params"]["context"]["result"][:1]
-    ((target, first),) = assemble(first_call, memory)
+    two = recorded("keypoints_positive_and_negative")  # a positive and a negative click
+    key = (two["project"], 2, two["tasks"][0]["data"]["image"])
+    one = copy.deepcopy(two)
+    one["params"]["context"]["result"] = one["params"]["context"]["result"][:1]
+    three = copy.deepcopy(two)
+    added = copy.deepcopy(three["params"]["context"]["result"][0])
+    added.update(id="third-click")
+    added["value"].update(x=55.0, y=60.0)
+    three["params"]["context"]["result"].append(added)
+
+    ((target, first),) = assemble(one, memory)
     assert first.mask_input is None
-    memory.remember_mask((body["project"], 2, body["tasks"][0]["data"]["image"]), target, first, logits)
-    ((_, second),) = assemble(body, memory)  # a negative click added
-    assert second.mask_input is logits
-    ((_, again),) = assemble(first_call, memory)  # the negative click taken away: start afresh
+    memory.remember_mask(key, target, first, logits)
+    ((_, second),) = assemble(two, memory)  # a negative click added: two clicks are still ambiguous
+    assert second.mask_input is None and second.is_ambiguous
+    memory.remember_mask(key, target, second, logits)
+    ((_, third),) = assemble(three, memory)  # a third click added: refine the two clicks' mask
+    assert third.mask_input is logits and not third.is_ambiguous
+    memory.remember_mask(key, target, third, logits)
+    ((_, again),) = assemble(two, memory)  # the third click taken away: start afresh
     assert again.mask_input is None
-    ((_, off),) = assemble(body, memory, Settings(refine_masks=False))
+    ((_, off),) = assemble(three, memory, Settings(refine_masks=False))
     assert off.mask_input is None
 
 
