@@ -286,33 +286,41 @@ def test_alias_rectangle(live_backend, chelsea_path):
 
 def test_each_added_click_refines_the_previous_mask(base_settings, served_predictor, torch_predictor,
                                                     chelsea_embedding, chelsea_path):
-    """With REFINE_MASKS on, a second click feeds the first answer's low-res logits back to SAM."""
+    """With REFINE_MASKS on, two clicks are still ambiguous (SAM's three masks of the clicks alone); a third click
+    feeds the second answer's low-res logits back to SAM (through sam.refinement's jump guard)."""
     from conftest import make_live_backend
+    from sam_backend.sam import refinement
 
     backend = make_live_backend(base_settings, served_predictor, refine_masks=True)
     try:
         body = with_image(recorded("keypoints_positive_and_negative"), chelsea_path, task_id=110)
         clicks = body["params"]["context"]["result"]
-        first, second = copy.deepcopy(body), body
+        first, second, third = copy.deepcopy(body), copy.deepcopy(body), copy.deepcopy(body)
         first["params"]["context"]["result"] = clicks[:1]
-        first_points = [px(c["value"]["x"], c["value"]["y"]) for c in clicks[:1]]
-        all_points = [px(c["value"]["x"], c["value"]["y"]) for c in clicks]
+        added = copy.deepcopy(clicks[0])
+        added.update(id="added-click")
+        added["value"].update(x=30.0, y=70.0)  # on the cat's body
+        third["params"]["context"]["result"] = clicks + [added]
+        two_points = [px(c["value"]["x"], c["value"]["y"]) for c in clicks]
+        three_points = two_points + [px(30.0, 70.0)]
         assert post(backend, first).status_code == 200
         (region,) = post(backend, second).json()["results"][0]["result"]
-        previous = torch_predictor.decode(chelsea_embedding, Prompt(np.array(first_points, np.float32),
-                                                                    np.array([1], np.int32)))
-        refined = torch_predictor.decode(chelsea_embedding, Prompt(np.array(all_points, np.float32),
-                                                                   np.array([1, 0], np.int32),
-                                                                   mask_input=previous.low_res_logits)).mask
-        fresh = expected(torch_predictor, chelsea_embedding, all_points, [1, 0])
+        two = torch_predictor.decode(chelsea_embedding, Prompt(np.array(two_points, np.float32),
+                                                               np.array([1, 0], np.int32)))
+        assert iou(decoded(region), two.mask) >= 0.99  # the clicks alone, SAM's three masks
+        (region,) = post(backend, third).json()["results"][0]["result"]
+        refined = refinement.decode(torch_predictor, chelsea_embedding,
+                                    Prompt(np.array(three_points, np.float32), np.array([1, 0, 1], np.int32),
+                                           mask_input=two.low_res_logits)).mask
+        fresh = expected(torch_predictor, chelsea_embedding, three_points, [1, 0, 1])
         assert iou(decoded(region), refined) >= 0.99
         assert not np.array_equal(refined, fresh), "the previous mask must make a difference here"
         # Moving a click is not "adding" one: that prompt starts afresh.
-        moved = copy.deepcopy(second)
+        moved = copy.deepcopy(third)
         moved["params"]["context"]["result"][0]["value"]["x"] += 5
         (region,) = post(backend, moved).json()["results"][0]["result"]
         points = [px(c["value"]["x"], c["value"]["y"]) for c in moved["params"]["context"]["result"]]
-        assert iou(decoded(region), expected(torch_predictor, chelsea_embedding, points, [1, 0])) >= 0.99
+        assert iou(decoded(region), expected(torch_predictor, chelsea_embedding, points, [1, 0, 1])) >= 0.99
     finally:
         backend.close()
 
