@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import threading
+from dataclasses import asdict
 from typing import Any, Mapping
 
 from sam_backend.cache import EmbeddingCache, RecentImages
@@ -29,17 +30,22 @@ from sam_backend.errors import ImageError, RequestError
 from sam_backend.images import ImageLoader, LabelStudioAccess
 from sam_backend.images.redact import redact_url
 from sam_backend.images.references import is_immutable, names_peer
-from sam_backend.labelstudio import context, label_config, prompting, results
+from sam_backend.jobs.api import LabelStudioApi
+from sam_backend.jobs.progress import ProgressBook
+from sam_backend.jobs.runner import JobOptions, ProjectJob
+from sam_backend.labelstudio import boxes, context, label_config, prompting, results
 from sam_backend.labelstudio.memory import PromptMemory, SharedPromptMemory
 from sam_backend.lru import BoundedLRU
-from sam_backend.sam import refinement
+from sam_backend.sam import automatic, refinement
 from sam_backend.sam.types import Embedding, Predictor
 from sam_backend.settings import Settings
 from sam_backend.store import GuardedStore, StateStore, open_store
 from sam_backend.store.sealing import Sealer
 
 ACCESS = "ls-access"  # store namespace of /setup's Label Studio access, sealed
-ACCESS_TTL = 7 * 24 * 3600.0  # seconds; Label Studio sends /setup again when a project's model is (re)connected
+ACCESS_TTL = 7 * 24 * 3600.0
+#: bytes of one stored MobileSAM / SAM embedding (float16 features and the record's header), for job budgets
+EMBEDDING_RECORD_BYTES = 2_097_364  # seconds; Label Studio sends /setup again when a project's model is (re)connected
 
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,9 @@ class SamModel:
                                  else PromptMemory(settings.prompt_memory_size, settings.prompt_memory_ttl))
         self.recent = RecentImages(ttl=settings.image_url_ttl, store=shared)
         self._projects: BoundedLRU[str, LabelStudioAccess] = BoundedLRU(max_items=256)
+        self.jobs = ProgressBook(self.store)  # project jobs' progress (sam_backend.jobs), whoever runs them
+        self._job_threads: dict[int, threading.Thread] = {}
+        self._jobs_lock = threading.Lock()
         # Clicks computing at once (decode, mask, results): more than the cores only makes each one slower, and
         # each holds a mask of its image's size. The others wait their turn (THREADS allows 32 requests).
         self._clicks = threading.BoundedSemaphore(settings.max_concurrent_decodes or _usable_cpus())
@@ -92,11 +101,13 @@ class SamModel:
                                     "hits": self.cache.hits, "misses": self.cache.misses},
                 "state_store": {**self.store.status(), "store_hits": self.cache.store_hits,
                                 "encoder_runs": self.cache.computed},
+                "project_jobs": [asdict(progress) for progress in self.jobs.all()],
                 "worker_pid": os.getpid()}
 
     def health(self) -> dict:
-        """For /health: the state store's backend and whether it is ok or degraded."""
-        return {"state_store": self.store.status()}
+        """For /health: the state store's backend and whether it is ok or degraded; each project job's state."""
+        return {"state_store": self.store.status(),
+                "project_jobs": {str(p.project): p.summary() for p in self.jobs.all()}}
 
     # ---- /setup -------------------------------------------------------------------------------------
     def setup(self, body: Any, peer: str | None = None) -> dict:
@@ -241,6 +252,105 @@ class SamModel:
             return
         where = _image_field(index, config, image_name)
         self.cache.prewarm(url, lambda: self._embedding(url, task, fallback, where))
+
+
+    # ---- /webhook ------------------------------------------------------------------------------------
+    def webhook(self, body: Any) -> dict:
+        """Label Studio's events. "Start training" (START_TRAINING) starts the project job JOB_ON_TRAINING names in
+        a background thread of this worker (one per project: a job already running, here or elsewhere, is left
+        alone); every other event is acknowledged and ignored."""
+        action = body.get("action") if isinstance(body, Mapping) else None
+        if not isinstance(action, str):  # echo event names only: not NaN (no JSON) or a whole payload
+            action = None
+        if action != "START_TRAINING" or not self.settings.job_on_training:
+            return {"status": "ok", "action": action}
+        project = body.get("project")
+        project_id = project.get("id") if isinstance(project, Mapping) else project
+        if isinstance(project_id, bool) or not isinstance(project_id, int):
+            raise RequestError("body.project.id must be the project's id (an integer) for START_TRAINING")
+        if not (self.settings.label_studio_url and self.settings.label_studio_api_key):
+            raise RequestError("a project job needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set on the backend "
+                               "(a user's token that may read the project and write predictions)", status=422)
+        with self._jobs_lock:
+            running = self._job_threads.get(project_id)
+            if (running is not None and running.is_alive()) or self.store.held(f"project-job:{project_id}"):
+                return {"status": "running", "action": action, "project": project_id}
+            options = JobOptions(steps=self.settings.job_on_training,
+                                 auto_label=self.settings.job_auto_label or None,
+                                 max_embeddings=self.embedding_budget())
+            job = ProjectJob(LabelStudioApi(self.settings.label_studio_url, self.settings.label_studio_api_key),
+                             self, self.jobs, project_id, options)
+            thread = threading.Thread(target=self._run_job, args=(job,), name=f"project-job-{project_id}",
+                                      daemon=True)
+            self._job_threads[project_id] = thread
+            thread.start()
+        log.info("project job %s started by Label Studio (%s)", project_id, ", ".join(options.steps))
+        return {"status": "started", "action": action, "project": project_id, "steps": list(options.steps)}
+
+    @staticmethod
+    def _run_job(job: ProjectJob) -> None:
+        try:
+            report = job.run()
+        except RuntimeError as error:  # another process took the project's lease first
+            log.info("project job %s not started: %s", job.project, error)
+            return
+        for line in report.lines():
+            log.info("%s", line)
+
+    def embedding_budget(self) -> int | None:
+        """How many embeddings a job may store before it only evicts its own first ones: the shared store's
+        byte budget (Redis is bounded by its own maxmemory), or this worker's cache without a shared store."""
+        if not self.store.shared:
+            return self.settings.embedding_cache_size
+        if self.store.kind == "redis":
+            return None
+        return max(1, self.settings.state_store_max_bytes // EMBEDDING_RECORD_BYTES)
+
+    # ---- project jobs (sam_backend.jobs.runner.TaskWorker) --------------------------------------------------
+    def embed_task(self, task: Mapping, config: label_config.ProjectConfig) -> Embedding:
+        """The embedding of the task's (first) image, from the cache or the store, else computed and stored.
+        The image is fetched as for /predict, with LABEL_STUDIO_URL for Label Studio's relative URLs."""
+        image_name = next(iter(config.image_tags))
+        url = _image_url(task, 0, config, image_name)
+        return self._embedding(url, task, None, f"data.{config.image_tags[image_name]}")
+
+    def box_prediction(self, task: Mapping, config: label_config.ProjectConfig, embedding: Embedding,
+                       own_versions: tuple[str, ...] = ()) -> list[dict]:
+        """One mask per rectangle of the task (`labelstudio.boxes`), of the rectangle's class: the regions of a
+        prediction (brush, and polygons where the config has a PolygonLabels tag); [] without rectangles."""
+        found: list[dict] = []
+        for image_name in config.image_tags:
+            for box in boxes.task_boxes(task, config, image_name, own_versions):
+                prompt = prompting.build_prompt([box], embedding.original_size, self.settings.max_points)
+                if prompt is None:
+                    continue
+                with self._clicks:
+                    prediction = self.predictor.decode(embedding, prompt)
+                if prediction.mask.any():
+                    found += results.mask_results(prediction.mask, prediction.score, box.target_key, image_name,
+                                                  config, self.settings)
+                del prediction
+        return found
+
+    def auto_prediction(self, task: Mapping, config: label_config.ProjectConfig, embedding: Embedding,
+                        label: str, options: automatic.AutoMaskOptions) -> list[dict]:
+        """SAM's automatic masks of the task's image (`sam.automatic`), each a region of brush label `label`."""
+        target = _brush_target(config, label)
+        image_name = config.brush_tags[target[0]]
+        found: list[dict] = []
+        for auto in automatic.generate(self.predictor, embedding, options):
+            found += results.mask_results(auto.mask, auto.score, target, image_name, config, self.settings)
+        return found
+
+
+def _brush_target(config: label_config.ProjectConfig, label: str) -> tuple[str, str]:
+    """(brush tag, label) of the brush label `label` (its value, as the prompt tags map to it)."""
+    for tag in config.prompt_tags.values():
+        for target in tag.targets.values():
+            if target.label == label:
+                return target.brush_tag, target.label
+    raise RequestError(f"the labeling config has no brush label {label!r} that a prompt label maps to "
+                       f"(the auto step's masks need one)", status=422)
 
 
 def _usable_cpus() -> int:

@@ -56,6 +56,8 @@ class Backend(Protocol):
 
     def predict(self, body: Any) -> dict: ...
 
+    def webhook(self, body: Any) -> dict: ...
+
     def stats(self) -> dict[str, Any]: ...
 
     def health(self) -> dict[str, Any]: ...
@@ -65,6 +67,8 @@ def configure_logging(settings: Settings) -> None:
     """The process's log format and level (LOG_LEVEL)."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # the SDK's HTTP client logs every call of a project job at INFO; its failures reach our own log lines
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def create_app(model: Backend, settings: Settings) -> Flask:
@@ -121,11 +125,9 @@ def create_app(model: Backend, settings: Settings) -> Flask:
             body = request.get_json(silent=True)
         except RecursionError:  # silent=True only silences ValueError
             body = None
-        action = body.get("action") if isinstance(body, dict) else None
-        if not isinstance(action, str):  # echo event names only: not NaN (no JSON) or a whole payload
-            action = None
-        log.debug("webhook %s", action)
-        return jsonify(status="ok", action=action), 200
+        answer = model.webhook(body)
+        log.debug("webhook %s: %s", answer.get("action"), answer.get("status"))
+        return jsonify(answer), 200
 
     @app.get("/metrics")
     def metrics_route():

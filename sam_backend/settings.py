@@ -103,6 +103,10 @@ class Settings:
     max_label_config_bytes: int = 8 << 20  # MAX_LABEL_CONFIG_BYTES: larger labeling configs get a 413, unparsed
     max_labels: int = 100_000  # MAX_LABELS: <Label>s (all tags together) a labeling config may have; more get a 413
     log_level: str = "INFO"  # LOG_LEVEL
+    # Project jobs (sam_backend/jobs): what Label Studio's "Start training" (webhook START_TRAINING) runs over the
+    # project: some of embed, boxes, auto; empty: nothing. auto needs JOB_AUTO_LABEL, the brush label of its masks
+    job_on_training: tuple[str, ...] = ("embed", "boxes")  # JOB_ON_TRAINING
+    job_auto_label: str = ""  # JOB_AUTO_LABEL
 
     @property
     def model_name(self) -> str:
@@ -188,6 +192,8 @@ ENVIRONMENT = {
     "MAX_LABEL_CONFIG_BYTES": "max_label_config_bytes",
     "MAX_LABELS": "max_labels",
     "LOG_LEVEL": "log_level",
+    "JOB_ON_TRAINING": "job_on_training",
+    "JOB_AUTO_LABEL": "job_auto_label",
 }
 
 #: `--with` keys of the seeds -> environment variable
@@ -270,6 +276,12 @@ def validate(settings: Settings) -> None:
         raise ValueError("MAX_LABELS must be at least 1")
     if not settings.polygon_tolerance >= 0:  # also refuses NaN
         raise ValueError(f"POLYGON_TOLERANCE={settings.polygon_tolerance}: use 0 or more pixels")
+    unknown_steps = sorted(set(settings.job_on_training) - {"embed", "boxes", "auto"})
+    if unknown_steps:
+        raise ValueError(f"JOB_ON_TRAINING: unknown step(s) {unknown_steps}; use some of embed, boxes, auto (or "
+                         f"nothing)")
+    if "auto" in settings.job_on_training and not settings.job_auto_label:
+        raise ValueError("JOB_ON_TRAINING has auto: set JOB_AUTO_LABEL to the brush label its masks get")
     if bool(settings.basic_auth_user) != bool(settings.basic_auth_pass):
         raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
 

@@ -96,7 +96,10 @@ def test_webhook_takes_any_event(live_backend):
     body = recorded("annotation_created", "/webhook")
     answer = post(live_backend, body, "/webhook")
     assert answer.status_code == 200 and answer.json()["status"] == "ok"
-    assert post(live_backend, {"action": "START_TRAINING"}, "/webhook").status_code == 200
+    # "Start training" starts a project job (tests/unit/test_jobs.py, tests/e2e/test_project_job.py): without
+    # the project's id there is nothing to start, and the answer says so
+    refused = post(live_backend, {"action": "START_TRAINING"}, "/webhook")
+    assert refused.status_code == 400 and "body.project.id" in refused.json()["error"]
 
 
 def test_metrics_count_requests(live_backend):

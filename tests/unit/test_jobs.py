@@ -1,0 +1,318 @@
+"""Project jobs without Label Studio or weights: polite calls, the boxes of a task, automatic masks on a scripted
+decoder, and the runner over a Label Studio double (its pages, predictions and failures) with FakePredictor."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from model import SamModel
+from sam_backend.errors import ImageError, RequestError
+from sam_backend.jobs.polite import CallFailed, Polite
+from sam_backend.jobs.progress import ProgressBook
+from sam_backend.jobs.runner import JobOptions, ProjectJob
+from sam_backend.labelstudio import label_config
+from sam_backend.labelstudio.boxes import task_boxes
+from sam_backend.sam import automatic
+from sam_backend.sam.types import Embedding
+from sam_backend.settings import Settings
+from sam_backend.store.memory import MemoryStore
+from tools.harness.fake_predictor import FakePredictor
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="brush" toName="image"><Label value="Cat"/><Label value="Dog"/></BrushLabels>
+  <RectangleLabels name="box" toName="image"><Label value="Cat"/><Label value="Dog"/><Label value="Car"/></RectangleLabels>
+</View>"""
+
+
+def rect(x, y, w, h, label, from_name="box", to_name="image"):
+    return {"type": "rectanglelabels", "from_name": from_name, "to_name": to_name, "original_width": 200,
+            "original_height": 100, "value": {"x": x, "y": y, "width": w, "height": h, "rectanglelabels": [label]}}
+
+
+# ---- Polite -------------------------------------------------------------------------------------------------
+class Busy(Exception):
+    pass
+
+
+def classify(error):
+    return isinstance(error, Busy), 503 if isinstance(error, Busy) else 400
+
+
+def test_polite_retries_busy_answers_with_growing_backoff():
+    sleeps, calls = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 4:
+            raise Busy("503")
+        return "ok"
+
+    polite = Polite(classify, rate=0, retries=5, backoff=0.5, sleep=sleeps.append)
+    assert polite.call("listing", flaky) == "ok"
+    assert len(calls) == 4 and polite.retried == 3
+    assert [0.5, 1.0, 2.0] == [pytest.approx(s, rel=0.5) for s in sleeps]
+    assert sleeps[0] < sleeps[1] < sleeps[2]
+
+
+def test_polite_gives_up_after_its_retries_and_never_retries_a_client_error():
+    polite = Polite(classify, rate=0, retries=2, backoff=0.01, sleep=lambda s: None)
+    with pytest.raises(CallFailed, match="listing: Busy: 503 after 3 tries") as failed:
+        polite.call("listing", lambda: (_ for _ in ()).throw(Busy("503")))
+    assert failed.value.status == 503
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise ValueError("bad request")
+
+    with pytest.raises(CallFailed, match="writing: ValueError: bad request$"):
+        polite.call("writing", refused)
+    assert calls == [1]
+
+
+def test_polite_spaces_calls_by_its_rate():
+    now, sleeps = [0.0], []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    polite = Polite(classify, rate=4.0, sleep=sleep, clock=lambda: now[0])
+    for _ in range(5):
+        polite.call("x", lambda: None)
+    assert sum(sleeps) == pytest.approx(1.0)  # 5 calls at 4 per second: the last starts 1 s after the first
+
+
+def test_polite_bounds_calls_in_flight():
+    polite = Polite(classify, concurrency=2, rate=0)
+    inside, most, lock, release = [0], [0], threading.Lock(), threading.Event()
+
+    def call():
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        release.wait(0.2)
+        with lock:
+            inside[0] -= 1
+
+    threads = [threading.Thread(target=polite.call, args=("x", call)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 2
+
+
+# ---- boxes of a task ----------------------------------------------------------------------------------------
+def test_task_boxes_from_annotations_and_predictions_once_each():
+    config = label_config.parse(CONFIG)
+    task = {"annotations": [{"result": [rect(10, 10, 20, 20, "Cat"), {"type": "brushlabels"}]},
+                            {"was_cancelled": True, "result": [rect(50, 50, 10, 10, "Cat")]}],
+            "predictions": [{"model_version": "yolo", "result": [rect(10, 10, 20, 20, "Cat"),
+                                                                 rect(60, 5, 30, 30, "Dog"),
+                                                                 rect(1, 1, 5, 5, "Car"),  # no brush label
+                                                                 rect(1, 1, 5, 5, "Dog", to_name="other"),
+                                                                 rect(1, 1, -5, 5, "Dog")]},  # malformed
+                            {"model_version": "SAM boxes", "result": [rect(0, 0, 50, 50, "Cat")]}]}
+    found = task_boxes(task, config, "image", own_versions=("SAM boxes",))
+    assert [(b.target_key, b.x, b.y) for b in found] == [(("brush", "Cat"), 10, 10), (("brush", "Dog"), 60, 5)]
+    assert task_boxes({"annotations": None, "predictions": "x"}, config, "image") == []
+
+
+# ---- automatic masks ----------------------------------------------------------------------------------------
+class ScriptedDecoder:
+    """Two objects on a 256x256 low-res frame over a 200x200 image: the left half (points with x < 100) and a
+    small square top right (the grid point at (125, 25)); points elsewhere on the right give an unstable mask."""
+
+    def decode_low_res(self, embedding, prompt):
+        x, y = prompt.points[0]
+        logits = np.full((4, 256, 256), -10.0, np.float32)
+        iou = np.full(4, 0.5, np.float32)
+        if x < 100:
+            logits[1:, :, :128] = 10.0
+            iou[1:] = 0.95
+        elif 120 <= x <= 130 and 20 <= y <= 30:
+            logits[2, 20:60, 150:190] = 10.0
+            iou[2] = 0.97
+        else:
+            logits[1:, :, 128:] = 0.5  # barely above the threshold: unstable
+            iou[1:] = 0.9
+        return logits, iou
+
+
+def test_automatic_masks_keep_good_stable_masks_once_best_first():
+    embedding = Embedding(features=np.zeros((1, 256, 64, 64), np.float32), original_size=(200, 200),
+                          input_size=(1024, 1024))
+    masks = automatic.generate(ScriptedDecoder(), embedding, automatic.AutoMaskOptions(points_per_side=4))
+    assert [round(m.score, 2) for m in masks] == [0.97, 0.95]  # the square, then the half; no duplicate halves
+    assert masks[0].mask.shape == (200, 200) and masks[0].mask[30, 130] and not masks[0].mask[80, 80]
+    assert masks[1].mask[:, :95].all() and not masks[1].mask[:, 105:].any()
+    assert automatic.grid(2, (100, 200)).tolist() == [[50, 25], [150, 25], [50, 75], [150, 75]]
+
+
+# ---- the runner ---------------------------------------------------------------------------------------------
+class FakeApi:
+    """Label Studio's side of a job: tasks in pages, predictions written, injected failures."""
+
+    def __init__(self, tasks, fail_predictions=()):
+        self.tasks = tasks
+        self.written: list[tuple[int, str, int]] = []
+        self.fail_predictions = set(fail_predictions)
+        self.polite = Polite(classify, rate=0)
+        self._lock = threading.Lock()
+
+    def label_config(self, project):
+        return CONFIG
+
+    def total(self, project):
+        return len(self.tasks)
+
+    def task_pages(self, project, page_size=100, first_page=1):
+        for start in range(0, len(self.tasks), page_size):
+            page = []
+            for task in self.tasks[start:start + page_size]:
+                with self._lock:
+                    predictions = [{"model_version": v, "result": []} for t, v, _ in self.written if t == task["id"]]
+                page.append({**task, "predictions": task.get("predictions", []) + predictions})
+            yield start // page_size + 1, page
+
+    def create_prediction(self, task, result, score, model_version):
+        if task in self.fail_predictions:
+            raise CallFailed(f"writing the prediction of task {task}: HTTP 400: bad", 400)
+        with self._lock:
+            self.written.append((task, model_version, len(result)))
+        return len(self.written)
+
+
+class Worker:
+    """SamModel's job methods, without images: an embedding per task, one region per box; task 4's image is
+    broken."""
+
+    model_version = "FakeSAM"
+
+    def __init__(self):
+        self.embedded: list[int] = []
+
+    def embed_task(self, task, config):
+        if task["id"] == 4:
+            raise ImageError(422, "data.image: the image is corrupt")
+        self.embedded.append(task["id"])
+        return Embedding(features=np.zeros((1, 256, 64, 64), np.float32), original_size=(100, 200),
+                         input_size=(512, 1024))
+
+    def box_prediction(self, task, config, embedding, own_versions):
+        return [{"score": 0.9} for _ in task_boxes(task, config, "image", own_versions)]
+
+
+def project_tasks(count=10):
+    return [{"id": i, "data": {"image": f"/data/upload/{i}.jpg"},
+             "annotations": [{"result": [rect(10, 10, 20, 20, "Cat")]}] if i % 2 == 0 else []}
+            for i in range(1, count + 1)]
+
+
+def test_a_job_embeds_predicts_and_reports_a_broken_task():
+    api, worker, book = FakeApi(project_tasks()), Worker(), ProgressBook(MemoryStore())
+    report = ProjectJob(api, worker, book, 7, JobOptions(page_size=3, workers=2)).run()
+    assert sorted(worker.embedded) == [1, 2, 3, 5, 6, 7, 8, 9, 10]
+    assert sorted(t for t, _, _ in api.written) == [2, 6, 8, 10]  # the even tasks have a box; 4's image broke
+    assert {v for _, v, _ in api.written} == {"FakeSAM boxes"}
+    assert report.failures == [(4, "data.image: the image is corrupt")]
+    progress = book.load(7)
+    assert (progress.state, progress.done, progress.failed, progress.total) == ("incomplete", 9, 1, 10)
+    assert progress.errors == [[4, "data.image: the image is corrupt"]] and book.projects() == [7]
+
+
+def test_a_stopped_job_resumes_where_it_stopped_and_writes_nothing_twice():
+    api, book = FakeApi(project_tasks(12)), ProgressBook(MemoryStore())
+    stop = threading.Event()
+    first = Worker()
+    job = ProjectJob(api, first, book, 7, JobOptions(page_size=4, workers=1),
+                     on_task=lambda p: stop.set() if p.done >= 5 else None)
+    assert job.run(stop).progress.state == "stopped"
+    assert book.load(7).state == "stopped" and 5 <= book.load(7).done < 12
+    second = Worker()
+    report = ProjectJob(api, second, book, 7, JobOptions(page_size=4, workers=2)).run()
+    assert report.progress.state == "incomplete" and report.progress.runs == 2  # task 4 failed
+    assert not set(first.embedded) & set(second.embedded)  # the finished tasks were skipped, not embedded again
+    assert sorted(first.embedded + second.embedded) == [i for i in range(1, 13) if i != 4]
+    written = [t for t, _, _ in api.written]
+    assert sorted(written) == [2, 6, 8, 10, 12] and len(set(written)) == len(written)
+
+
+def test_a_new_job_skips_tasks_that_have_its_prediction_already():
+    api, book = FakeApi(project_tasks(6)), ProgressBook(MemoryStore())
+    api.tasks = [t for t in api.tasks if t["id"] != 4]
+    first = ProjectJob(api, Worker(), book, 7).run().progress
+    assert first.state == "done"
+    second = ProjectJob(api, Worker(), book, 7).run().progress  # a new job: Label Studio says what exists
+    assert second.job_id != first.job_id and second.predicted == 0
+    written = [t for t, _, _ in api.written]
+    assert sorted(written) == [2, 6] and len(set(written)) == len(written)
+
+
+def test_a_refused_prediction_is_a_task_failure_and_the_job_goes_on():
+    api, book = FakeApi(project_tasks(6), fail_predictions={2}), ProgressBook(MemoryStore())
+    report = ProjectJob(api, Worker(), book, 7).run()
+    assert [t for t, _ in report.failures] == [2, 4] or [t for t, _ in report.failures] == [4, 2]
+    assert sorted(t for t, _, _ in api.written) == [6]
+    api.fail_predictions.clear()
+    again = ProjectJob(api, Worker(), book, 7).run()  # resumes the incomplete job: only its failures again
+    assert again.progress.runs == 2 and again.progress.skipped == 4 and [t for t, _ in again.failures] == [4]
+    assert sorted(t for t, _, _ in api.written) == [2, 6]
+
+
+def test_one_job_per_project_at_a_time():
+    store = MemoryStore()
+    token = store.acquire("project-job:7", 60)
+    with pytest.raises(RuntimeError, match="running already"):
+        ProjectJob(FakeApi(project_tasks(2)), Worker(), ProgressBook(store), 7).run()
+    store.release("project-job:7", token)
+
+
+def test_job_options_are_checked():
+    with pytest.raises(ValueError, match="steps must be some of"):
+        JobOptions(steps=("embed", "train"))
+    with pytest.raises(ValueError, match="auto-label"):
+        JobOptions(steps=("auto",))
+
+
+# ---- the server's side --------------------------------------------------------------------------------------
+def model(**changes) -> SamModel:
+    return SamModel(FakePredictor(), Settings(state_store="memory", **changes))
+
+
+def test_webhook_acknowledges_events_and_refuses_a_training_start_it_cannot_run():
+    sam = model()
+    assert sam.webhook({"action": "ANNOTATION_CREATED", "project": {"id": 1}}) == {
+        "status": "ok", "action": "ANNOTATION_CREATED"}
+    assert sam.webhook(None) == {"status": "ok", "action": None}
+    with pytest.raises(RequestError, match="body.project.id"):
+        sam.webhook({"action": "START_TRAINING", "project": {"id": "x"}})
+    with pytest.raises(RequestError, match="LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY") as refused:
+        sam.webhook({"action": "START_TRAINING", "project": {"id": 3}})
+    assert refused.value.status == 422
+    off = model(job_on_training=())
+    assert off.webhook({"action": "START_TRAINING", "project": {"id": 3}})["status"] == "ok"
+
+
+def test_health_and_metrics_show_each_jobs_progress():
+    sam = model()
+    api = FakeApi(project_tasks(4))
+    ProjectJob(api, Worker(), sam.jobs, 5).run()
+    assert sam.health()["project_jobs"] == {"5": "incomplete: 3/4 tasks, 3 embedded, 1 predicted, 0 skipped, 1 failed"}
+    (record,) = sam.stats()["project_jobs"]
+    assert record["project"] == 5 and record["errors"] == [[4, "data.image: the image is corrupt"]]
+
+
+def test_box_prediction_gives_one_mask_per_box_of_its_class():
+    sam = model()
+    config = label_config.parse(CONFIG)
+    embedding = sam.predictor.embed(np.zeros((100, 200, 3), np.uint8))
+    task = {"annotations": [{"result": [rect(10, 10, 20, 20, "Cat"), rect(60, 50, 30, 40, "Dog")]}]}
+    regions = sam.box_prediction(task, config, embedding)
+    assert [(r["from_name"], r["value"]["brushlabels"]) for r in regions] == [("brush", ["Cat"]), ("brush", ["Dog"])]
+    assert [tuple(np.round(p.box)) for p in sam.predictor.prompts] == [(20, 10, 60, 30), (120, 50, 180, 90)]
+    assert sam.box_prediction({"annotations": []}, config, embedding) == []
