@@ -11,9 +11,9 @@ the first on a task find their embedding without downloading the image again.
 With a shared state store (`sam_backend.store`, STATE_STORE disk or redis) both also keep their entries there, so
 that every worker finds what one computed: an embedding missing here is read from the store (namespace
 `embedding`) before anyone computes it, and only the process holding the store's lease `embed:<key>` computes
-it; the others wait for it to appear in the store (`wait_s` at most, then they compute themselves). A holder that
-dies leaves a lease that expires after `lease_s`. The in-process LRU stays in front of the store (embeddings are
-keyed by content, so a copy never goes stale). When the store is degraded every call falls back to this process.
+it; the others wait for it to appear in the store (`wait_s` at most, then they compute themselves). The holder
+renews its lease while it computes, so one that dies leaves a lease that expires within `lease_s` (10 s). The
+in-process LRU stays in front of the store (embeddings are keyed by content, so a copy never goes stale). When the store is degraded every call falls back to this process.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class EmbeddingCache:
     """
 
     def __init__(self, max_items: int = 32, compact: bool = False, prewarm_queue: int = 16,
-                 max_computing: int = 1, store: StateStore | None = None, lease_s: float = 120.0,
+                 max_computing: int = 1, store: StateStore | None = None, lease_s: float = 10.0,
                  wait_s: float = 120.0, poll_s: float = 0.02) -> None:
         self.max_items = max_items
         self.compact = compact
@@ -126,6 +126,7 @@ class EmbeddingCache:
         while True:
             token = self.store.acquire(name, self.lease_s)
             if token is not None or getattr(self.store, "degraded", False):
+                beating = self._heartbeat(name, token) if token is not None else None
                 try:
                     found = self._from_store(key) if token is not None else None  # put just before we asked
                     if found is not None:
@@ -135,6 +136,7 @@ class EmbeddingCache:
                     return embedding
                 finally:
                     if token is not None:
+                        beating.set()
                         self.store.release(name, token)
             while self.store.held(name) and time.monotonic() < deadline:
                 time.sleep(self.poll_s)
@@ -145,6 +147,19 @@ class EmbeddingCache:
                 log.warning("waited %.0f s for another process to embed an image; embedding it here", self.wait_s)
                 return self._compute(compute)
             # the holder released (or died) without storing: take the lease ourselves
+
+    def _heartbeat(self, name: str, token: str) -> threading.Event:
+        """Renew the lease `name` every third of `lease_s` until the returned event is set: a live holder keeps
+        it however long its encoder takes, a dead one frees it within `lease_s`."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.lease_s / 3):
+                if not self.store.renew(name, token, self.lease_s):
+                    return
+
+        threading.Thread(target=beat, name="embed-lease", daemon=True).start()
+        return done
 
     def _from_store(self, key: Hashable) -> Embedding | None:
         """The embedding from the shared store, kept in this process's LRU too; None when absent or corrupt."""

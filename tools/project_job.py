@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=20.0, help="calls to Label Studio per second at most")
     parser.add_argument("--retries", type=int, default=5, help="retries of a call on 429, 5xx or timeouts")
     parser.add_argument("--max-tasks", type=int, help="stop after this many tasks (resume later)")
+    parser.add_argument("--lease-seconds", type=float, default=60.0,
+                        help="a killed job frees its project this long after its last sign of life (default: 60)")
     parser.add_argument("--report", type=Path, help="write the report (JSON) here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                             refresh=False)
             bar.refresh()
 
-    job = ProjectJob(api, model, model.jobs, args.project, options, on_task=on_task)
+    job = ProjectJob(api, model, model.jobs, args.project, options, on_task=on_task, lease_s=args.lease_seconds)
     try:
         report = job.run(stop)
     except RuntimeError as error:

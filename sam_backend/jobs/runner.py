@@ -93,13 +93,16 @@ class Report:
 
 
 class ProjectJob:
-    """Runs the steps over one project. Thread-safe progress; one `run` at a time per project (a store lease)."""
-
-    LEASE_S = 600.0
+    """Runs the steps over one project. Thread-safe progress; one `run` at a time per project: a lease in the
+    store, renewed while the job runs, so that a job killed without a word frees its project `lease_s` seconds
+    later."""
 
     def __init__(self, api: LabelStudioApi, worker: TaskWorker, book: ProgressBook, project: int,
-                 options: JobOptions = JobOptions(), on_task: Callable[[Progress], None] | None = None) -> None:
+                 options: JobOptions = JobOptions(), on_task: Callable[[Progress], None] | None = None,
+                 lease_s: float = 60.0) -> None:
         self.api, self.worker, self.book, self.project, self.options = api, worker, book, project, options
+        self.lease_s = lease_s
+        self._renewed = 0.0
         self.on_task = on_task  # called after every task (a progress bar)
         self.versions = {"boxes": f"{worker.model_version} boxes", "auto": f"{worker.model_version} auto"}
         self._lock = threading.Lock()
@@ -110,9 +113,11 @@ class ProjectJob:
     def run(self, stop: threading.Event | None = None) -> Report:
         """Go through the project (resuming the job the store remembers for it); stops early when `stop` is set."""
         stop = stop or threading.Event()
-        self._lease = self.book.store.acquire(self._lease_name, self.LEASE_S)
+        self._lease = self.book.store.acquire(self._lease_name, self.lease_s)
         if self._lease is None:
-            raise RuntimeError(f"a job for project {self.project} is running already (elsewhere)")
+            raise RuntimeError(f"a job for project {self.project} is running already (one that was killed frees "
+                               f"the project within {self.lease_s:g} s)")
+        self._renewed = time.monotonic()
         started = time.monotonic()
         try:
             progress = self._resume_or_start()
@@ -169,13 +174,15 @@ class ProjectJob:
                     if embed and budget is not None:
                         budget -= 1
                     running.add(pool.submit(self._task, task, config, progress, report, embed))
-                self._renew()
             wait(running)
 
     def _renew(self) -> None:
-        """Keep the job's lease (the store has no renewal: give it back and take it again at once)."""
-        self.book.store.release(self._lease_name, self._lease)
-        self._lease = self.book.store.acquire(self._lease_name, self.LEASE_S) or self._lease
+        """Keep the job's lease, a third of its time after the last renewal. Called under self._lock."""
+        if self._lease is None or time.monotonic() - self._renewed < self.lease_s / 3:
+            return
+        if not self.book.store.renew(self._lease_name, self._lease, self.lease_s):
+            log.warning("project job %s: its lease in the state store was lost (the store was down?)", self.project)
+        self._renewed = time.monotonic()
 
     # ---- one task ---------------------------------------------------------------------------------------
     def _task(self, task: Mapping, config: label_config.ProjectConfig, progress: Progress, report: Report,
@@ -228,5 +235,6 @@ class ProjectJob:
             if error is not None:
                 progress.errors.append(list(error))
             self.book.save(progress)
+            self._renew()
         if self.on_task is not None:
             self.on_task(progress)

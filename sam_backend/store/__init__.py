@@ -59,6 +59,10 @@ class StateStore(Protocol):
         """Whether anyone holds the lease `name` now (an expired lease is not held)."""
         ...
 
+    def renew(self, name: str, token: str, ttl: float) -> bool:
+        """Extend the lease `name` to `ttl` seconds from now if `token` still holds it; whether it did."""
+        ...
+
     def describe(self) -> str:
         """Where the store is, without credentials, for logs and /health."""
         ...
@@ -157,6 +161,9 @@ class GuardedStore:
 
     def held(self, name: str) -> bool:
         return bool(self._call(False, "held", name))
+
+    def renew(self, name: str, token: str, ttl: float) -> bool:
+        return bool(self._call(False, "renew", name, token, ttl))
 
     def describe(self) -> str:
         return self.store.describe()

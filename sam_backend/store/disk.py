@@ -176,6 +176,14 @@ class DiskStore:
     def release(self, name: str, token: str) -> None:
         self._run("release", lambda db: db.execute("DELETE FROM leases WHERE name = ? AND token = ?", (name, token)))
 
+    def renew(self, name: str, token: str, ttl: float) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            now = time.time()
+            return db.execute("UPDATE leases SET expires = ? WHERE name = ? AND token = ? AND expires > ?",
+                              (now + ttl, name, token, now)).rowcount == 1
+
+        return self._run("renew", work)
+
     def held(self, name: str) -> bool:
         return self._run("held", lambda db: db.execute("SELECT 1 FROM leases WHERE name = ? AND expires > ?",
                                                        (name, time.time())).fetchone() is not None)

@@ -55,6 +55,14 @@ class MemoryStore:
             if self._leases.get(name, ("", 0.0))[0] == token:
                 del self._leases[name]
 
+    def renew(self, name: str, token: str, ttl: float) -> bool:
+        with self._lock:
+            held = self._leases.get(name)
+            if held is None or held[0] != token or held[1] <= self._clock():
+                return False
+            self._leases[name] = (token, self._clock() + ttl)
+            return True
+
     def held(self, name: str) -> bool:
         with self._lock:
             held = self._leases.get(name)

@@ -16,6 +16,8 @@ from sam_backend.store import StoreError
 
 SOCKET_TIMEOUT = 1.0  # seconds for connecting and for each command: a gone Redis costs at most this per retry
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+_RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
+          "else return 0 end")
 
 
 class RedisStore:
@@ -31,6 +33,7 @@ class RedisStore:
         except ValueError as error:
             raise ValueError(f"STATE_STORE={self.describe()}: {error}") from None
         self._release = self._redis.register_script(_RELEASE)
+        self._renew = self._redis.register_script(_RENEW)
 
     def _key(self, namespace: str, key: str) -> str:
         return f"{self.prefix}:{namespace}:{key}"
@@ -59,6 +62,10 @@ class RedisStore:
 
     def release(self, name: str, token: str) -> None:
         self._run("release", self._release, keys=[self._key("lease", name)], args=[token])
+
+    def renew(self, name: str, token: str, ttl: float) -> bool:
+        return bool(self._run("renew", self._renew, keys=[self._key("lease", name)],
+                              args=[token, max(1, int(ttl * 1000))]))
 
     def held(self, name: str) -> bool:
         return bool(self._run("EXISTS", self._redis.exists, self._key("lease", name)))

@@ -69,6 +69,18 @@ def test_a_lease_has_one_holder_until_released_or_expired(store):
     assert not store.held("embed:y") and store.acquire("embed:y", ttl=30) is not None
 
 
+def test_a_lease_is_renewed_only_by_its_holder_and_only_while_held(store):
+    token = store.acquire("embed:r", ttl=0.3)
+    assert not store.renew("embed:r", "not-the-token", 30)
+    time.sleep(0.15)
+    assert store.renew("embed:r", token, 0.6)
+    time.sleep(0.3)  # past the first ttl: the renewal keeps it
+    assert store.held("embed:r") and store.acquire("embed:r", ttl=30) is None
+    time.sleep(0.45)
+    assert not store.held("embed:r") and not store.renew("embed:r", token, 30)  # expired: another may take it
+    assert store.acquire("embed:r", ttl=30) is not None
+
+
 def test_the_disk_store_is_bounded_in_bytes_and_drops_the_least_recently_used(tmp_path):
     store = DiskStore(tmp_path, max_bytes=3 << 20, used_resolution=0)
     one_mib = b"x" * (1 << 20)
