@@ -59,4 +59,5 @@ bench: install-dev weights
 	$(BIN)/python -m tools.bench
 	$(BIN)/python -m tools.memory_bench
 	$(BIN)/python -m tools.bench.shared_state
+	$(BIN)/python -m tools.bench.project_job
 	$(BIN)/python -m tools.bench_sam2

@@ -183,3 +183,13 @@ def test_quick_run_end_to_end(tmp_path, mobile_sam_checkpoint):
         assert (tmp_path / f"bench-server-{mode}.log").is_file()
     assert results["rle"]["all_identical"] is True
     assert {t["target"].split(":")[0] for t in results["targets"]} == set(modes)
+
+
+def test_the_project_job_bench_measures_a_real_job(onnx_files):
+    """`make bench`'s project-job figures come from a real job (real photos, weights, store and downloads)."""
+    from tools.bench import project_job
+
+    figures = project_job.one_mode("onnx", auto_tasks=1, photos=2, onnx_files=onnx_files)
+    assert figures["tasks"] == 2 and figures["encoder_runs"] == 2 and figures["encoder_runs_after_boxes"] == 2
+    assert figures["images_per_s"] > 0 and figures["box_tasks_per_s"] > 0 and figures["auto_masks_per_task"] >= 1
+    assert figures["rss_after_embed_mib"] >= figures["rss_after_load_mib"] > 0

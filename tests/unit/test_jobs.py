@@ -19,6 +19,7 @@ from sam_backend.sam.types import Embedding
 from sam_backend.settings import Settings
 from sam_backend.store.memory import MemoryStore
 from tools.harness.fake_predictor import FakePredictor
+from tools.harness.stub_project import StubProject
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -154,37 +155,8 @@ def test_automatic_masks_keep_good_stable_masks_once_best_first():
 
 
 # ---- the runner ---------------------------------------------------------------------------------------------
-class FakeApi:
-    """Label Studio's side of a job: tasks in pages, predictions written, injected failures."""
-
-    def __init__(self, tasks, fail_predictions=()):
-        self.tasks = tasks
-        self.written: list[tuple[int, str, int]] = []
-        self.fail_predictions = set(fail_predictions)
-        self.polite = Polite(classify, rate=0)
-        self._lock = threading.Lock()
-
-    def label_config(self, project):
-        return CONFIG
-
-    def total(self, project):
-        return len(self.tasks)
-
-    def task_pages(self, project, page_size=100, first_page=1):
-        for start in range(0, len(self.tasks), page_size):
-            page = []
-            for task in self.tasks[start:start + page_size]:
-                with self._lock:
-                    predictions = [{"model_version": v, "result": []} for t, v, _ in self.written if t == task["id"]]
-                page.append({**task, "predictions": task.get("predictions", []) + predictions})
-            yield start // page_size + 1, page
-
-    def create_prediction(self, task, result, score, model_version):
-        if task in self.fail_predictions:
-            raise CallFailed(f"writing the prediction of task {task}: HTTP 400: bad", 400)
-        with self._lock:
-            self.written.append((task, model_version, len(result)))
-        return len(self.written)
+def stub_api(tasks, fail_predictions=()):
+    return StubProject(tasks, CONFIG, fail_predictions)
 
 
 class Worker:
@@ -214,7 +186,7 @@ def project_tasks(count=10):
 
 
 def test_a_job_embeds_predicts_and_reports_a_broken_task():
-    api, worker, book = FakeApi(project_tasks()), Worker(), ProgressBook(MemoryStore())
+    api, worker, book = stub_api(project_tasks()), Worker(), ProgressBook(MemoryStore())
     report = ProjectJob(api, worker, book, 7, JobOptions(page_size=3, workers=2)).run()
     assert sorted(worker.embedded) == [1, 2, 3, 5, 6, 7, 8, 9, 10]
     assert sorted(t for t, _, _ in api.written) == [2, 6, 8, 10]  # the even tasks have a box; 4's image broke
@@ -226,7 +198,7 @@ def test_a_job_embeds_predicts_and_reports_a_broken_task():
 
 
 def test_a_stopped_job_resumes_where_it_stopped_and_writes_nothing_twice():
-    api, book = FakeApi(project_tasks(12)), ProgressBook(MemoryStore())
+    api, book = stub_api(project_tasks(12)), ProgressBook(MemoryStore())
     stop = threading.Event()
     first = Worker()
     job = ProjectJob(api, first, book, 7, JobOptions(page_size=4, workers=1),
@@ -243,7 +215,7 @@ def test_a_stopped_job_resumes_where_it_stopped_and_writes_nothing_twice():
 
 
 def test_a_new_job_skips_tasks_that_have_its_prediction_already():
-    api, book = FakeApi(project_tasks(6)), ProgressBook(MemoryStore())
+    api, book = stub_api(project_tasks(6)), ProgressBook(MemoryStore())
     api.tasks = [t for t in api.tasks if t["id"] != 4]
     first = ProjectJob(api, Worker(), book, 7).run().progress
     assert first.state == "done"
@@ -254,7 +226,7 @@ def test_a_new_job_skips_tasks_that_have_its_prediction_already():
 
 
 def test_a_refused_prediction_is_a_task_failure_and_the_job_goes_on():
-    api, book = FakeApi(project_tasks(6), fail_predictions={2}), ProgressBook(MemoryStore())
+    api, book = stub_api(project_tasks(6), fail_predictions={2}), ProgressBook(MemoryStore())
     report = ProjectJob(api, Worker(), book, 7).run()
     assert [t for t, _ in report.failures] == [2, 4] or [t for t, _ in report.failures] == [4, 2]
     assert sorted(t for t, _, _ in api.written) == [6]
@@ -268,7 +240,7 @@ def test_one_job_per_project_at_a_time():
     store = MemoryStore()
     token = store.acquire("project-job:7", 60)
     with pytest.raises(RuntimeError, match="running already"):
-        ProjectJob(FakeApi(project_tasks(2)), Worker(), ProgressBook(store), 7).run()
+        ProjectJob(stub_api(project_tasks(2)), Worker(), ProgressBook(store), 7).run()
     store.release("project-job:7", token)
 
 
@@ -300,7 +272,7 @@ def test_webhook_acknowledges_events_and_refuses_a_training_start_it_cannot_run(
 
 def test_health_and_metrics_show_each_jobs_progress():
     sam = model()
-    api = FakeApi(project_tasks(4))
+    api = stub_api(project_tasks(4))
     ProjectJob(api, Worker(), sam.jobs, 5).run()
     assert sam.health()["project_jobs"] == {"5": "incomplete: 3/4 tasks, 3 embedded, 1 predicted, 0 skipped, 1 failed"}
     (record,) = sam.stats()["project_jobs"]
