@@ -26,7 +26,7 @@ from dataclasses import asdict
 from typing import Any, Mapping
 
 from sam_backend.cache import EmbeddingCache, RecentImages
-from sam_backend.errors import ImageError, RequestError
+from sam_backend.errors import ClientError, ImageError, RequestError
 from sam_backend.images import ImageLoader, LabelStudioAccess
 from sam_backend.images.redact import redact_url
 from sam_backend.images.references import is_immutable, names_peer
@@ -228,19 +228,24 @@ class SamModel:
             embedding = self.cache.get(known)
             if embedding is not None:
                 return embedding
+        key, data = self._download(url, task, fallback)
+        return self.cache.get_or_compute(key, lambda: self.predictor.embed(*self._decode(data, url, where)))
+
+    def _download(self, url: str, task: Mapping, fallback: LabelStudioAccess | None) -> tuple[tuple[str, str], bytes]:
+        """The image's bytes and its embedding's cache key; remembers the key of a Label Studio upload's URL."""
         data = self.images.fetch(url, fallback, task_id=_task_id(task))
         key = (self.model_version, hashlib.sha256(data).hexdigest())
-        if immutable:
-            self.recent.put(source, key)
+        if is_immutable(url):
+            self.recent.put((url, fallback.url if fallback is not None else None), key)
+        return key, data
 
-        def compute() -> Embedding:
-            try:
-                image = ImageLoader.decode_for_encoder(data, self.settings.max_image_pixels)
-            except ImageError as error:
-                raise ImageError(error.status, f"{where} ({redact_url(url)}): {error.message}") from None
-            return self.predictor.embed(image.pixels, image.size)
-
-        return self.cache.get_or_compute(key, compute)
+    def _decode(self, data: bytes, url: str, where: str) -> tuple[Any, tuple[int, int]]:
+        """(pixels for the encoder, the image's (H, W)); ImageError naming `where` and the URL."""
+        try:
+            image = ImageLoader.decode_for_encoder(data, self.settings.max_image_pixels)
+        except ImageError as error:
+            raise ImageError(error.status, f"{where} ({redact_url(url)}): {error.message}") from None
+        return image.pixels, image.size
 
     def _prewarm(self, task: Mapping, index: int, config: label_config.ProjectConfig,
                  fallback: LabelStudioAccess | None) -> None:
@@ -313,6 +318,43 @@ class SamModel:
         image_name = next(iter(config.image_tags))
         url = _image_url(task, 0, config, image_name)
         return self._embedding(url, task, None, f"data.{config.image_tags[image_name]}")
+
+    @property
+    def embed_batch_size(self) -> int:
+        """Images `embed_tasks` sends through the encoder at once (the predictor's batch_size; 1 on a CPU)."""
+        return max(1, int(getattr(self.predictor, "batch_size", 1)))
+
+    def embed_tasks(self, tasks: list[Mapping], config: label_config.ProjectConfig) -> list[Embedding | ClientError]:
+        """`embed_task` of each task, the images not cached or stored yet embedded together, `embed_batch_size`
+        at a time; a task whose image fails gets its error in its place."""
+        if self.embed_batch_size <= 1:
+            return [self._or_error(self.embed_task, task, config) for task in tasks]
+        image_name = next(iter(config.image_tags))
+        where = f"data.{config.image_tags[image_name]}"
+        found: list[Embedding | ClientError | None] = [None] * len(tasks)
+        pending = []
+        for index, task in enumerate(tasks):
+            try:
+                url = _image_url(task, 0, config, image_name)
+                key, data = self._download(url, task, None)
+                found[index] = self.cache.get(key)
+                if found[index] is None:
+                    pending.append((index, key, self._decode(data, url, where)))
+            except ClientError as error:
+                found[index] = error
+        for start in range(0, len(pending), self.embed_batch_size):
+            chunk = pending[start:start + self.embed_batch_size]
+            embeddings = self.predictor.embed_batch([image for _, _, image in chunk])
+            for (index, key, _), embedding in zip(chunk, embeddings):
+                found[index] = self.cache.put(key, embedding)
+        return found
+
+    @staticmethod
+    def _or_error(function, *args) -> Any:
+        try:
+            return function(*args)
+        except ClientError as error:
+            return error
 
     def box_prediction(self, task: Mapping, config: label_config.ProjectConfig, embedding: Embedding,
                        own_versions: tuple[str, ...] = ()) -> list[dict]:

@@ -199,6 +199,17 @@ class EmbeddingCache:
         except Exception as error:  # a background job has no caller to tell; the next click will retry
             log.warning("prewarming an embedding failed: %s", error)
 
+    def put(self, key: Hashable, embedding: Embedding) -> Embedding:
+        """Keep an embedding computed elsewhere (a batch of a project job): here and in the shared store; the
+        embedding in its cached form."""
+        embedding = self._store_form(embedding)
+        with self._lock:
+            self._items.put(key, embedding)
+            self.computed += 1
+        if self.store is not None:
+            self.store.put(EMBEDDINGS, _store_key(key), pack_embedding(embedding))
+        return embedding
+
     def _store_form(self, embedding: Embedding) -> Embedding:
         # every named array of the embedding (SAM 2's high-resolution features too), see Embedding.astype
         return embedding.astype(np.float16) if self.compact else embedding

@@ -42,7 +42,13 @@ class TaskWorker(Protocol):
 
     model_version: str
 
+    #: images `embed_tasks` embeds at once (more than 1 on a GPU)
+    embed_batch_size: int
+
     def embed_task(self, task: Mapping, config: label_config.ProjectConfig) -> Embedding: ...
+
+    def embed_tasks(self, tasks: list[Mapping], config: label_config.ProjectConfig) -> list[Embedding | Exception]:
+        ...
 
     def box_prediction(self, task: Mapping, config: label_config.ProjectConfig, embedding: Embedding,
                        own_versions: tuple[str, ...]) -> list[dict]: ...
@@ -160,11 +166,15 @@ class ProjectJob:
               stop: threading.Event) -> None:
         budget = self.options.max_embeddings
         handled = 0
+        batch = max(1, int(getattr(self.worker, "embed_batch_size", 1)))
+        group: list[tuple[Mapping, bool]] = []
         with ThreadPoolExecutor(self.options.workers, thread_name_prefix="project-job") as pool:
             running: set[Future] = set()
             for _, tasks in self.api.task_pages(self.project, self.options.page_size):
                 for task in tasks:
                     if stop.is_set() or (self.options.max_tasks is not None and handled >= self.options.max_tasks):
+                        if group:
+                            self._submit_group(pool, running, group, config, progress, report)
                         wait(running)
                         return
                     handled += 1
@@ -173,8 +183,25 @@ class ProjectJob:
                     embed = "embed" in self.options.steps and (budget is None or budget > 0)
                     if embed and budget is not None:
                         budget -= 1
+                    if batch > 1:  # a GPU: the images of `batch` tasks go through the encoder together
+                        group.append((task, embed))
+                        if len(group) == batch:
+                            self._submit_group(pool, running, group, config, progress, report)
+                            group = []
+                        continue
                     running.add(pool.submit(self._task, task, config, progress, report, embed))
+            if group:
+                self._submit_group(pool, running, group, config, progress, report)
             wait(running)
+
+    def _submit_group(self, pool: ThreadPoolExecutor, running: set[Future], group: list[tuple[Mapping, bool]],
+                      config: label_config.ProjectConfig, progress: Progress, report: Report) -> None:
+        """Embed the group's images in one batch (those its tasks need), then run each task's steps."""
+        wanted = [task for task, embed in group if self._needs_embedding(task, progress, embed)]
+        embeddings = dict(zip((id(task) for task in wanted), self.worker.embed_tasks(wanted, config))) \
+            if wanted else {}
+        for task, embed in group:
+            running.add(pool.submit(self._task, task, config, progress, report, embed, embeddings.get(id(task))))
 
     def _renew(self) -> None:
         """Keep the job's lease, a third of its time after the last renewal. Called under self._lock."""
@@ -186,10 +213,13 @@ class ProjectJob:
 
     # ---- one task ---------------------------------------------------------------------------------------
     def _task(self, task: Mapping, config: label_config.ProjectConfig, progress: Progress, report: Report,
-              embed: bool) -> None:
+              embed: bool, embedding: Embedding | Exception | None = None) -> None:
+        """One task's steps; `embedding`: its image's, computed in a batch (or the error that gave)."""
         task_id = task.get("id")
         try:
-            outcome = self._do(task, config, progress, embed)
+            if isinstance(embedding, Exception):
+                raise embedding
+            outcome = self._do(task, config, progress, embed, embedding)
         except (ClientError, CallFailed, OSError, ValueError) as error:
             reason = getattr(error, "message", None) or str(error)
         except Exception as error:  # the job's boundary: one task's unforeseen fault must not end the job
@@ -203,17 +233,28 @@ class ProjectJob:
         self._count(progress, failed=1, error=(task_id, reason[:500]))
         log.warning("project job %s: task %s failed: %s", self.project, task_id, reason)
 
-    def _do(self, task: Mapping, config: label_config.ProjectConfig, progress: Progress, embed: bool) -> dict:
+    def _predict_steps(self, task: Mapping) -> list[str]:
+        """The prediction steps the task still needs (none of its predictions has the step's model version)."""
+        written = {p.get("model_version") for p in task.get("predictions") or [] if isinstance(p, Mapping)}
+        return [s for s in ("boxes", "auto") if s in self.options.steps and self.versions[s] not in written]
+
+    def _needs_embedding(self, task: Mapping, progress: Progress, embed: bool) -> bool:
+        task_id = task.get("id")
+        return (isinstance(task_id, int) and not isinstance(task_id, bool) and not self.book.is_done(progress, task_id)
+                and (embed or bool(self._predict_steps(task))))
+
+    def _do(self, task: Mapping, config: label_config.ProjectConfig, progress: Progress, embed: bool,
+            embedding: Embedding | None = None) -> dict:
         task_id = task.get("id")
         if not isinstance(task_id, int) or isinstance(task_id, bool):
             raise ValueError(f"task without an integer id: {task_id!r}")
         if self.book.is_done(progress, task_id):
             return {"skipped": 1}  # done by an earlier run of this job
-        written = {p.get("model_version") for p in task.get("predictions") or [] if isinstance(p, Mapping)}
-        predict = [s for s in ("boxes", "auto") if s in self.options.steps and self.versions[s] not in written]
+        predict = self._predict_steps(task)
         outcome = {"done": 1, "embedded": 0, "predicted": 0}
         if embed or predict:
-            embedding = self.worker.embed_task(task, config)
+            if embedding is None:
+                embedding = self.worker.embed_task(task, config)
             outcome["embedded"] = int(embed)
             for step in predict:
                 if step == "boxes":

@@ -288,3 +288,38 @@ def test_box_prediction_gives_one_mask_per_box_of_its_class():
     assert [(r["from_name"], r["value"]["brushlabels"]) for r in regions] == [("brush", ["Cat"]), ("brush", ["Dog"])]
     assert [tuple(np.round(p.box)) for p in sam.predictor.prompts] == [(20, 10, 60, 30), (120, 50, 180, 90)]
     assert sam.box_prediction({"annotations": []}, config, embedding) == []
+
+
+class BatchWorker(Worker):
+    """A worker on a GPU: `embed_tasks` takes the images of up to three tasks at once."""
+
+    embed_batch_size = 3
+
+    def __init__(self):
+        super().__init__()
+        self.batches: list[list[int]] = []
+
+    def embed_tasks(self, tasks, config):
+        self.batches.append([t["id"] for t in tasks])
+        found = []
+        for task in tasks:
+            try:
+                found.append(self.embed_task(task, config))
+            except ImageError as error:
+                found.append(error)
+        return found
+
+    def embed_task(self, task, config):
+        if not self.batches or task["id"] not in self.batches[-1]:
+            raise AssertionError(f"task {task['id']} embedded outside a batch")
+        return super().embed_task(task, config)
+
+
+def test_on_a_gpu_images_are_embedded_in_batches_with_the_same_outcome():
+    one, batched = stub_api(project_tasks(10)), stub_api(project_tasks(10))
+    ProjectJob(one, Worker(), ProgressBook(MemoryStore()), 7, JobOptions(page_size=4)).run()
+    worker = BatchWorker()
+    report = ProjectJob(batched, worker, ProgressBook(MemoryStore()), 7, JobOptions(page_size=4)).run()
+    assert worker.batches == [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10]]
+    assert sorted(one.written, key=str) == sorted(batched.written, key=str)
+    assert report.failures == [(4, "data.image: the image is corrupt")]  # one broken image fails its task only
