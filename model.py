@@ -282,7 +282,7 @@ class SamModel:
                 return {"status": "running", "action": action, "project": project_id}
             options = JobOptions(steps=self.settings.job_on_training,
                                  auto_label=self.settings.job_auto_label or None,
-                                 max_embeddings=self.embedding_budget())
+                                 max_embeddings=self.embedding_budget(), nice=self.settings.encoder_nice)
             job = ProjectJob(LabelStudioApi(self.settings.label_studio_url, self.settings.label_studio_api_key),
                              self, self.jobs, project_id, options)
             thread = threading.Thread(target=self._run_job, args=(job,), name=f"project-job-{project_id}",

@@ -31,6 +31,7 @@ from sam_backend.jobs.api import CallFailed, LabelStudioApi
 from sam_backend.jobs.progress import Progress, ProgressBook
 from sam_backend.labelstudio import label_config
 from sam_backend.sam.automatic import AutoMaskOptions
+from sam_backend.sam.lanes import lower_priority
 from sam_backend.sam.types import Embedding
 
 STEPS = ("embed", "boxes", "auto")
@@ -62,7 +63,8 @@ class JobOptions:
     """steps: of STEPS; auto_label: the brush label of `auto`'s masks; page_size: tasks per listing call;
     workers: tasks in progress at once (downloads overlap the encoder; embeddings still run one by one);
     max_embeddings: embed at most this many images this run (the store's budget; None: no bound);
-    max_tasks: stop after this many tasks this run (None: all)."""
+    max_tasks: stop after this many tasks this run (None: all); nice: how much lower the CPU priority of the
+    job's threads is (a job inside the server: its decodes then yield to the annotators' clicks)."""
 
     steps: tuple[str, ...] = ("embed", "boxes")
     auto_label: str | None = None
@@ -71,6 +73,7 @@ class JobOptions:
     workers: int = 2
     max_embeddings: int | None = None
     max_tasks: int | None = None
+    nice: int = 0
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.steps if s not in STEPS]
@@ -168,7 +171,8 @@ class ProjectJob:
         handled = 0
         batch = max(1, int(getattr(self.worker, "embed_batch_size", 1)))
         group: list[tuple[Mapping, bool]] = []
-        with ThreadPoolExecutor(self.options.workers, thread_name_prefix="project-job") as pool:
+        with ThreadPoolExecutor(self.options.workers, thread_name_prefix="project-job", initializer=lower_priority,
+                                initargs=(self.options.nice,)) as pool:
             running: set[Future] = set()
             for _, tasks in self.api.task_pages(self.project, self.options.page_size):
                 for task in tasks:
