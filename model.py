@@ -32,7 +32,7 @@ from sam_backend.images.redact import redact_url
 from sam_backend.images.references import is_immutable, names_peer
 from sam_backend.jobs.api import LabelStudioApi
 from sam_backend.jobs.progress import ProgressBook
-from sam_backend.jobs.runner import JobOptions, ProjectJob
+from sam_backend.jobs.runner import JobBusy, JobOptions, ProjectJob
 from sam_backend.labelstudio import boxes, context, label_config, prompting, results
 from sam_backend.labelstudio.memory import PromptMemory, SharedPromptMemory
 from sam_backend.lru import BoundedLRU
@@ -43,9 +43,9 @@ from sam_backend.store import GuardedStore, StateStore, open_store
 from sam_backend.store.sealing import Sealer
 
 ACCESS = "ls-access"  # store namespace of /setup's Label Studio access, sealed
-ACCESS_TTL = 7 * 24 * 3600.0
+ACCESS_TTL = 7 * 24 * 3600.0  # seconds; Label Studio sends /setup again when a project's model is (re)connected
 #: bytes of one stored MobileSAM / SAM embedding (float16 features and the record's header), for job budgets
-EMBEDDING_RECORD_BYTES = 2_097_364  # seconds; Label Studio sends /setup again when a project's model is (re)connected
+EMBEDDING_RECORD_BYTES = 2_097_364
 
 
 log = logging.getLogger(__name__)
@@ -277,6 +277,7 @@ class SamModel:
             raise RequestError("a project job needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set on the backend "
                                "(a user's token that may read the project and write predictions)", status=422)
         with self._jobs_lock:
+            self._job_threads = {p: t for p, t in self._job_threads.items() if t.is_alive()}
             running = self._job_threads.get(project_id)
             if (running is not None and running.is_alive()) or self.store.held(f"project-job:{project_id}"):
                 return {"status": "running", "action": action, "project": project_id}
@@ -296,7 +297,7 @@ class SamModel:
     def _run_job(job: ProjectJob) -> None:
         try:
             report = job.run()
-        except RuntimeError as error:  # another process took the project's lease first
+        except JobBusy as error:  # another process took the project's lease first
             log.info("project job %s not started: %s", job.project, error)
             return
         for line in report.lines():

@@ -155,8 +155,9 @@ class EmbeddingCache:
 
         def beat() -> None:
             while not done.wait(self.lease_s / 3):
-                if not self.store.renew(name, token, self.lease_s):
-                    return
+                # a refusal is a store fault (tried again next beat) or a lease that expired meanwhile: then
+                # another process may compute the same image too, which costs time, never a wrong answer
+                self.store.renew(name, token, self.lease_s)
 
         threading.Thread(target=beat, name="embed-lease", daemon=True).start()
         return done

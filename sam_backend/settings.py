@@ -104,8 +104,9 @@ class Settings:
     max_labels: int = 100_000  # MAX_LABELS: <Label>s (all tags together) a labeling config may have; more get a 413
     log_level: str = "INFO"  # LOG_LEVEL
     # Project jobs (sam_backend/jobs): what Label Studio's "Start training" (webhook START_TRAINING) runs over the
-    # project: some of embed, boxes, auto; empty: nothing. auto needs JOB_AUTO_LABEL, the brush label of its masks
-    job_on_training: tuple[str, ...] = ("embed", "boxes")  # JOB_ON_TRAINING
+    # project: some of embed, boxes, auto; empty: nothing. auto needs JOB_AUTO_LABEL, the brush label of its masks.
+    # embed only by default: boxes and auto write predictions, and /webhook is as open as the backend (Basic auth)
+    job_on_training: tuple[str, ...] = ("embed",)  # JOB_ON_TRAINING
     job_auto_label: str = ""  # JOB_AUTO_LABEL
 
     @property

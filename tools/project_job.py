@@ -28,7 +28,7 @@ from model import SamModel
 from sam_backend.errors import ModelError
 from sam_backend.http import configure_logging
 from sam_backend.jobs.api import LabelStudioApi
-from sam_backend.jobs.runner import STEPS, JobOptions, ProjectJob
+from sam_backend.jobs.runner import STEPS, JobBusy, JobOptions, ProjectJob
 from sam_backend.sam import loading
 from sam_backend.sam.automatic import AutoMaskOptions
 from sam_backend.settings import from_environment
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     job = ProjectJob(api, model, model.jobs, args.project, options, on_task=on_task, lease_s=args.lease_seconds)
     try:
         report = job.run(stop)
-    except RuntimeError as error:
+    except JobBusy as error:
         print(f"project_job: {error}", file=sys.stderr)
         return 2
     finally:

@@ -23,6 +23,8 @@ def retryable(error: BaseException) -> tuple[bool, int | None]:
     if isinstance(error, ApiError):
         status = error.status_code
         return status is None or status == 429 or status >= 500, status
+    if isinstance(error, (httpx.UnsupportedProtocol, httpx.LocalProtocolError)):
+        return False, None  # a wrong LABEL_STUDIO_URL or request: trying again cannot help
     if isinstance(error, (httpx.TimeoutException, httpx.TransportError)):
         return True, None
     return False, None
@@ -82,11 +84,22 @@ class LabelStudioApi:
         return count if isinstance(count, int) else None
 
     def create_prediction(self, task: int, result: list[dict], score: float, model_version: str) -> int:
-        created = self.polite.call(
-            f"writing the prediction of task {task}",
-            lambda: self._client.predictions.create(task=task, result=result, score=score,
-                                                    model_version=model_version, request_options=self._options))
-        return created.id
+        """Write one prediction; its id. A write whose answer was lost (a timeout, a 5xx from a proxy) may have
+        been saved: before each retry the task's predictions are read, and one of `model_version` is taken as
+        this write's, so that a retry never writes a second one."""
+        tries = 0
+
+        def create() -> Any:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                for existing in self._client.predictions.list(task=task, request_options=self._options):
+                    if existing.model_version == model_version:
+                        return existing
+            return self._client.predictions.create(task=task, result=result, score=score,
+                                                   model_version=model_version, request_options=self._options)
+
+        return self.polite.call(f"writing the prediction of task {task}", create).id
 
 
 def _as_dict(task: Any) -> dict:

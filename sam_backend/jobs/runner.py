@@ -101,17 +101,21 @@ class Report:
         return lines
 
 
+class JobBusy(RuntimeError):
+    """Another job holds the project's lease."""
+
+
 class ProjectJob:
     """Runs the steps over one project. Thread-safe progress; one `run` at a time per project: a lease in the
-    store, renewed while the job runs, so that a job killed without a word frees its project `lease_s` seconds
-    later."""
+    store, renewed every third of `lease_s` by a heartbeat while the job runs, so that a job killed without a
+    word frees its project `lease_s` seconds later. A job that loses its lease (the store was down longer than
+    that) stops, since another may have taken the project over."""
 
     def __init__(self, api: LabelStudioApi, worker: TaskWorker, book: ProgressBook, project: int,
                  options: JobOptions = JobOptions(), on_task: Callable[[Progress], None] | None = None,
                  lease_s: float = 60.0) -> None:
         self.api, self.worker, self.book, self.project, self.options = api, worker, book, project, options
         self.lease_s = lease_s
-        self._renewed = 0.0
         self.on_task = on_task  # called after every task (a progress bar)
         self.versions = {"boxes": f"{worker.model_version} boxes", "auto": f"{worker.model_version} auto"}
         self._lock = threading.Lock()
@@ -120,13 +124,14 @@ class ProjectJob:
 
     # ---- the run ----------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> Report:
-        """Go through the project (resuming the job the store remembers for it); stops early when `stop` is set."""
+        """Go through the project (resuming the job the store remembers for it); stops early when `stop` is set.
+        JobBusy when another job holds the project."""
         stop = stop or threading.Event()
         self._lease = self.book.store.acquire(self._lease_name, self.lease_s)
         if self._lease is None:
-            raise RuntimeError(f"a job for project {self.project} is running already (one that was killed frees "
-                               f"the project within {self.lease_s:g} s)")
-        self._renewed = time.monotonic()
+            raise JobBusy(f"a job for project {self.project} is running already (one that was killed frees the "
+                          f"project within {self.lease_s:g} s)")
+        beating = self._heartbeat(stop)
         started = time.monotonic()
         try:
             progress = self._resume_or_start()
@@ -135,11 +140,17 @@ class ProjectJob:
                 config = label_config.parse(self.api.label_config(self.project))
                 progress.total = self.api.total(self.project)
                 self.book.save(progress)
-                self._walk(config, progress, report, stop)
-                progress.state = ("stopped" if stop.is_set() else "incomplete" if progress.failed else "done")
+                limited = self._walk(config, progress, report, stop)
+                progress.state = ("stopped" if stop.is_set() or limited else "incomplete" if progress.failed
+                                  else "done")
+                if self.lost_lease:
+                    progress.message = "stopped: its lease in the state store was lost (the store was down)"
             except (CallFailed, ClientError) as error:  # the project itself cannot be read: the job ends
                 progress.state, progress.message = "failed", str(error)[:500]
                 log.error("project job %s failed: %s", self.project, error)
+            except Exception as error:  # the job's boundary: the record must not say "running" for ever
+                progress.state, progress.message = "failed", f"{type(error).__name__}: {error}"[:500]
+                log.exception("project job %s failed", self.project)
             progress.message = progress.message or progress.summary()
             self.book.save(progress)
             report.seconds = time.monotonic() - started
@@ -147,7 +158,26 @@ class ProjectJob:
             log.info("project job %s %s", self.project, progress.summary())
             return report
         finally:
+            beating.set()
             self.book.store.release(self._lease_name, self._lease)
+
+    def _heartbeat(self, stop: threading.Event) -> threading.Event:
+        """Renew the lease every third of `lease_s` until the returned event is set; a renewal refused means
+        the lease expired (another job may hold it now): `stop` is set and `lost_lease` says why."""
+        done = threading.Event()
+        self.lost_lease = False
+
+        def beat() -> None:
+            while not done.wait(self.lease_s / 3):
+                if not self.book.store.renew(self._lease_name, self._lease, self.lease_s):
+                    if self.book.store.held(self._lease_name) or not getattr(self.book.store, "degraded", False):
+                        self.lost_lease = True
+                        log.error("project job %s lost its lease in the state store; stopping", self.project)
+                        stop.set()
+                        return
+
+        threading.Thread(target=beat, name=f"project-job-lease-{self.project}", daemon=True).start()
+        return done
 
     def _resume_or_start(self) -> Progress:
         steps = list(self.options.steps)
@@ -166,7 +196,9 @@ class ProjectJob:
         return progress
 
     def _walk(self, config: label_config.ProjectConfig, progress: Progress, report: Report,
-              stop: threading.Event) -> None:
+              stop: threading.Event) -> bool:
+        """Every task of the project through the steps; True when it stopped at `max_tasks` (tasks done by an
+        earlier run do not count)."""
         budget = self.options.max_embeddings
         handled = 0
         batch = max(1, int(getattr(self.worker, "embed_batch_size", 1)))
@@ -176,11 +208,16 @@ class ProjectJob:
             running: set[Future] = set()
             for _, tasks in self.api.task_pages(self.project, self.options.page_size):
                 for task in tasks:
-                    if stop.is_set() or (self.options.max_tasks is not None and handled >= self.options.max_tasks):
+                    task_id = task.get("id")
+                    if isinstance(task_id, int) and self.book.is_done(progress, task_id):
+                        self._count(progress, skipped=1)  # done by an earlier run of this job
+                        continue
+                    limited = self.options.max_tasks is not None and handled >= self.options.max_tasks
+                    if stop.is_set() or limited:
                         if group:
                             self._submit_group(pool, running, group, config, progress, report)
                         wait(running)
-                        return
+                        return limited and not stop.is_set()
                     handled += 1
                     if len(running) >= self.options.workers:
                         _, running = wait(running, return_when=FIRST_COMPLETED)
@@ -197,23 +234,20 @@ class ProjectJob:
             if group:
                 self._submit_group(pool, running, group, config, progress, report)
             wait(running)
+        return False
 
     def _submit_group(self, pool: ThreadPoolExecutor, running: set[Future], group: list[tuple[Mapping, bool]],
                       config: label_config.ProjectConfig, progress: Progress, report: Report) -> None:
         """Embed the group's images in one batch (those its tasks need), then run each task's steps."""
         wanted = [task for task, embed in group if self._needs_embedding(task, progress, embed)]
-        embeddings = dict(zip((id(task) for task in wanted), self.worker.embed_tasks(wanted, config))) \
-            if wanted else {}
+        try:
+            found = self.worker.embed_tasks(wanted, config) if wanted else []
+        except Exception as error:  # e.g. CUDA out of memory: this batch's tasks fail, the job goes on
+            log.exception("project job %s: embedding a batch of %d images", self.project, len(wanted))
+            found = [error] * len(wanted)
+        embeddings = dict(zip((id(task) for task in wanted), found))
         for task, embed in group:
             running.add(pool.submit(self._task, task, config, progress, report, embed, embeddings.get(id(task))))
-
-    def _renew(self) -> None:
-        """Keep the job's lease, a third of its time after the last renewal. Called under self._lock."""
-        if self._lease is None or time.monotonic() - self._renewed < self.lease_s / 3:
-            return
-        if not self.book.store.renew(self._lease_name, self._lease, self.lease_s):
-            log.warning("project job %s: its lease in the state store was lost (the store was down?)", self.project)
-        self._renewed = time.monotonic()
 
     # ---- one task ---------------------------------------------------------------------------------------
     def _task(self, task: Mapping, config: label_config.ProjectConfig, progress: Progress, report: Report,
@@ -280,6 +314,5 @@ class ProjectJob:
             if error is not None:
                 progress.errors.append(list(error))
             self.book.save(progress)
-            self._renew()
         if self.on_task is not None:
             self.on_task(progress)

@@ -31,7 +31,8 @@ class AutoMaskOptions:
     """points_per_side: the grid is points_per_side x points_per_side clicks over the image.
     pred_iou_thresh, stability_thresh: keep masks at least this good (SAM's defaults 0.88 and 0.95).
     stability_offset: the logit offset of the stability score (SAM's 1.0).
-    nms_iou: a mask overlapping a better kept one by more than this (IoU) is a duplicate (SAM's box NMS: 0.7).
+    nms_iou: a mask overlapping a better kept one by more than this (mask IoU; SAM uses box IoU, 0.7) is a
+        duplicate.
     min_area: smallest mask kept, as a fraction of the image; max_masks: at most this many, best first.
     """
 
@@ -84,8 +85,11 @@ def generate(predictor: LowResDecoder, embedding: Embedding, options: AutoMaskOp
             if score < options.pred_iou_thresh:
                 continue
             logits = low_res[index, :valid_h, :valid_w]
+            area = np.count_nonzero(logits > 0)
+            if area == 0 or area < min_pixels:
+                continue
             stable = stability(logits, options.stability_offset)
-            if stable < options.stability_thresh or np.count_nonzero(logits > 0) < min_pixels:
+            if stable < options.stability_thresh:
                 continue
             candidates.append((score, stable, low_res[index].astype(np.float16)))  # 128 KiB each, up to 3 a point
     kept: list[tuple[float, float, np.ndarray]] = []

@@ -105,7 +105,7 @@ def job_env(label_studio, onnx_files, workdir, mobile_sam_checkpoint):
             "STATE_STORE": f"disk:{workdir / 'store'}", "RUN_ONNX_SAM": "true", "ONNX_ENCODER_PATH": str(encoder),
             "ONNX_DECODER_PATH": str(decoder), "ORT_NUM_THREADS": "2", "SAM_CHOICE": "MobileSAM",
             "MOBILESAM_CHECKPOINT": str(mobile_sam_checkpoint), "BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": "",
-            "LOG_LEVEL": "INFO"}
+            "LOG_LEVEL": "INFO", "JOB_ON_TRAINING": "embed,boxes"}
 
 
 def job_command(project_id: int, *extra: str) -> list[str]:

@@ -3,12 +3,17 @@ decoder, and the runner over a Label Studio double (its pages, predictions and f
 from __future__ import annotations
 
 import threading
+import time
+from types import SimpleNamespace
+
+import httpx
 
 import numpy as np
 import pytest
 
 from model import SamModel
 from sam_backend.errors import ImageError, RequestError
+from sam_backend.jobs.api import LabelStudioApi
 from sam_backend.jobs.polite import CallFailed, Polite
 from sam_backend.jobs.progress import ProgressBook
 from sam_backend.jobs.runner import JobOptions, ProjectJob
@@ -323,3 +328,79 @@ def test_on_a_gpu_images_are_embedded_in_batches_with_the_same_outcome():
     assert worker.batches == [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10]]
     assert sorted(one.written, key=str) == sorted(batched.written, key=str)
     assert report.failures == [(4, "data.image: the image is corrupt")]  # one broken image fails its task only
+
+
+def test_max_tasks_stops_the_run_and_the_next_run_goes_on_from_there():
+    api, book = stub_api(project_tasks(8)), ProgressBook(MemoryStore())
+    first, second = Worker(), Worker()
+    assert ProjectJob(api, first, book, 7, JobOptions(workers=1, max_tasks=3)).run().progress.state == "stopped"
+    report = ProjectJob(api, second, book, 7, JobOptions(workers=1, max_tasks=3)).run()
+    assert sorted(first.embedded) == [1, 2, 3] and sorted(second.embedded) == [5, 6]  # 4's image is broken
+    assert report.progress.skipped == 3 and report.progress.runs == 2
+
+
+def test_a_job_that_loses_its_lease_stops():
+    store = MemoryStore()
+    api, book = stub_api(project_tasks(40)), ProgressBook(store)
+    worker = Worker()
+    job = ProjectJob(api, worker, book, 7, JobOptions(workers=1), lease_s=0.3)
+
+    def slow_and_stolen(progress):
+        time.sleep(0.05)
+        if progress.done == 2:  # the store lost the lease (expired in an outage) and another job took it
+            store.release("project-job:7", job._lease)
+            store.acquire("project-job:7", 30)
+
+    job.on_task = slow_and_stolen
+    report = job.run()
+    assert job.lost_lease and report.progress.state == "stopped" and "lease" in report.progress.message
+    assert len(worker.embedded) < 39
+
+
+class FailingBatches(BatchWorker):
+    def embed_tasks(self, tasks, config):
+        if len(self.batches) == 1:
+            self.batches.append([t["id"] for t in tasks])
+            raise RuntimeError("CUDA out of memory")
+        return super().embed_tasks(tasks, config)
+
+
+def test_a_batch_that_fails_fails_its_tasks_and_the_job_goes_on():
+    api, worker = stub_api(project_tasks(9)), FailingBatches()
+    report = ProjectJob(api, worker, ProgressBook(MemoryStore()), 7).run()
+    assert worker.batches == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert sorted(t for t, _ in report.failures) == [4, 5, 6]
+    assert all("CUDA out of memory" in reason for _, reason in report.failures)
+    assert sorted(t for t, _, _ in api.written) == [2, 8] and report.progress.state == "incomplete"
+
+
+def test_an_unforeseen_fault_ends_the_job_as_failed_not_running():
+    api, book = stub_api(project_tasks(3)), ProgressBook(MemoryStore())
+    api.total = lambda project: {}["no such key"]
+    report = ProjectJob(api, Worker(), book, 7).run()
+    assert report.progress.state == "failed" and "KeyError" in book.load(7).message
+
+
+class LostAnswers:
+    """label-studio-sdk's predictions client whose first create is saved but its answer lost (a timeout)."""
+
+    def __init__(self):
+        self.saved = []
+
+    def create(self, *, task, result, score, model_version, request_options):
+        self.saved.append(SimpleNamespace(id=len(self.saved) + 1, task=task, model_version=model_version))
+        if len(self.saved) == 1:
+            raise httpx.ReadTimeout("timed out")
+        return self.saved[-1]
+
+    def list(self, *, task, request_options):
+        return [p for p in self.saved if p.task == task]
+
+
+def test_a_prediction_whose_answer_was_lost_is_not_written_again():
+    predictions = LostAnswers()
+    api = LabelStudioApi("http://ls", "token", client=SimpleNamespace(predictions=predictions), rate=0,
+                         backoff=0.0)
+    assert api.create_prediction(3, [], 0.9, "SAM boxes") == 1
+    assert len(predictions.saved) == 1 and api.polite.retried == 1
+    assert api.create_prediction(4, [], 0.9, "SAM boxes") == 2  # no retry: no list call needed
