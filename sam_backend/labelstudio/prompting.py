@@ -45,6 +45,9 @@ def assemble(call: Sequence[Region], task: Mapping[str, Any], config: ProjectCon
         prompt = build_prompt(of_target, image_size, settings.max_points)
         if prompt is None:
             continue
+        rectangles = [r for r in of_target if r.type == "rectanglelabels"]
+        if prompt.box is not None and len(prompt.points) and rectangles[-1].id in call_ids:
+            prompt = replace(prompt, new_box=True)  # a box after clicks (refinement.decode)
         if settings.refine_masks and (prompt.box is not None or len(prompt.points) > MULTIMASK_POINTS):
             # up to MULTIMASK_POINTS clicks the prompt stays ambiguous: SAM's three masks of the clicks alone
             # beat a refinement of the first click's mask (Prompt.is_ambiguous)

@@ -6,6 +6,12 @@ average, but now and then it jumps to another object or to almost nothing (GrabC
 afresh (SAM's three masks, without the previous one) then stay closer to it: that answer is taken instead. The
 second decode runs only for a jump, so a click costs one decode as before. Measured with `python -m tools.quality`
 (README, "Mask quality").
+
+A box drawn after clicks is decoded twice, with the clicks and alone, and the answer SAM predicts better wins:
+the box with the clicks alone gave 0.956 on GrabCut20 (ONNX, tight boxes after 1, 2, 3, 5 clicks) against 0.963
+for the box on a fresh task, six objects losing more than 0.05 (181079: 0.653 against 0.968); choosing by
+predicted IoU gives 0.968, none worse. Choosing by the clicks instead (a mask must hold the positive clicks and
+not the negative ones) gave 0.958. Clicks added to an existing box are decoded as before.
 """
 from __future__ import annotations
 
@@ -28,7 +34,13 @@ def overlap(logits: np.ndarray, previous: np.ndarray) -> float:
 
 def decode(predictor: Predictor, embedding: Embedding, prompt: Prompt) -> Prediction:
     """`predictor.decode(embedding, prompt)`, unless it refines `prompt.mask_input` into a jump (see the module
-    docstring): then the closer of it and the clicks' fresh three-mask answer."""
+    docstring): then the closer of it and the clicks' fresh three-mask answer. A box drawn after clicks
+    (`prompt.new_box`): the better, by SAM's predicted IoU, of the box with the clicks and the box alone."""
+    if prompt.new_box and len(prompt.points):
+        with_clicks = predictor.decode(embedding, replace(prompt, mask_input=None))
+        alone = predictor.decode(embedding, replace(prompt, points=prompt.points[:0], labels=prompt.labels[:0],
+                                                    mask_input=None, new_box=False))
+        return alone if alone.score > with_clicks.score else with_clicks
     refined = predictor.decode(embedding, prompt)
     if prompt.mask_input is None or prompt.box is not None:
         return refined

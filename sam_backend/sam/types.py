@@ -80,6 +80,8 @@ class Prompt:
     mask_input: np.ndarray | None = None
     #: answer with SAM's three-mask output (True) or its single output (False); None: as `is_ambiguous` says
     multimask: bool | None = None
+    #: the box was drawn just now, after the clicks: `refinement.decode` may answer with the box alone
+    new_box: bool = False
 
     @property
     def is_ambiguous(self) -> bool:

@@ -163,6 +163,12 @@ def test_recorded_alias_clicks_are_combined_across_calls_by_the_memory():
     assert np.allclose(second.points, [[180.4, 135], [405.9, 30]]) and second.labels.tolist() == [1, 0]
     ((_, third),) = assemble(recorded("alias_rectangle"), memory)
     assert third.labels.tolist() == [1, 0] and np.allclose(third.box, [45.1, 15, 315.7, 285])
+    assert third.new_box and not first.new_box and not second.new_box  # the box came after the clicks
+
+
+def test_only_a_box_drawn_in_this_call_after_clicks_is_new():
+    assert not assemble(recorded("rectangle"))[0][1].new_box  # a box alone
+    assert not assemble(recorded("keypoint_with_rectangle_in_draft"))[0][1].new_box  # clicks added to a box
 
 
 def test_a_negative_click_alone_asks_for_nothing():

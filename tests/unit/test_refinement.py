@@ -67,3 +67,39 @@ def test_prompts_without_a_previous_mask_or_with_a_box_decode_once():
         predictor = Scripted(refined=logits_of(0, 0, side=8), fresh=logits_of(64, 64))
         refinement.decode(predictor, EMBEDDING, prompt)
         assert len(predictor.prompts) == 1
+
+
+class ByScore:
+    """Answers the box alone with `alone_score`, the box with clicks with `clicks_score`."""
+
+    def __init__(self, alone_score: float, clicks_score: float) -> None:
+        self.alone_score, self.clicks_score = alone_score, clicks_score
+        self.prompts: list[Prompt] = []
+
+    def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
+        self.prompts.append(prompt)
+        alone = len(prompt.points) == 0
+        logits = logits_of(0, 0) if alone else logits_of(64, 64)
+        return Prediction(mask=logits[0] > 0, score=self.alone_score if alone else self.clicks_score,
+                          low_res_logits=logits)
+
+
+BOX_AFTER_CLICKS = Prompt(points=CLICKS.points, labels=CLICKS.labels, box=np.array([10, 10, 200, 200], np.float32),
+                          new_box=True)
+
+
+def test_a_box_after_clicks_is_answered_by_the_better_of_box_with_clicks_and_box_alone():
+    for alone_score, clicks_score, alone_wins in ((0.95, 0.80, True), (0.80, 0.95, False)):
+        predictor = ByScore(alone_score, clicks_score)
+        answer = refinement.decode(predictor, EMBEDDING, BOX_AFTER_CLICKS)
+        assert answer.score == max(alone_score, clicks_score)
+        with_clicks, alone = predictor.prompts
+        assert len(with_clicks.points) == 3 and with_clicks.mask_input is None
+        assert len(alone.points) == 0 and np.array_equal(alone.box, BOX_AFTER_CLICKS.box) and not alone.new_box
+        assert np.array_equal(answer.low_res_logits, logits_of(0, 0) if alone_wins else logits_of(64, 64))
+
+
+def test_clicks_added_to_a_box_are_decoded_once_as_before():
+    predictor = ByScore(0.99, 0.5)
+    prompt = Prompt(points=CLICKS.points, labels=CLICKS.labels, box=BOX_AFTER_CLICKS.box)
+    assert refinement.decode(predictor, EMBEDDING, prompt).score == 0.5 and len(predictor.prompts) == 1
