@@ -79,7 +79,7 @@ class PromptMemory:
         # SAM's prompt tokens carry no order, so "adds clicks" is set containment of (x, y, label) rows.
         old_rows = {tuple(row) for row in np.column_stack([before.points, before.labels]).tolist()}
         new_rows = {tuple(row) for row in np.column_stack([prompt.points, prompt.labels]).tolist()}
-        extends = old_rows < new_rows and _same_box(prompt.box, before.box)
+        extends = _extends(before, prompt, old_rows, new_rows)
         return logits if extends else None
 
     def remember_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt, logits: np.ndarray) -> None:
@@ -155,7 +155,7 @@ class SharedPromptMemory:
         before = Prompt(points=arrays["points"], labels=arrays["labels"], box=arrays.get("box"))
         old_rows = {tuple(row) for row in np.column_stack([before.points, before.labels]).tolist()}
         new_rows = {tuple(row) for row in np.column_stack([prompt.points, prompt.labels]).tolist()}
-        extends = old_rows < new_rows and _same_box(prompt.box, before.box)
+        extends = _extends(before, prompt, old_rows, new_rows)
         return np.array(arrays["logits"]) if extends else None
 
     def remember_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt, logits: np.ndarray) -> None:
@@ -201,3 +201,9 @@ def _region(data: dict) -> Region:
     original = data.get("original_size")
     return Region(**{**data, "group": tuple(data["group"]), "target": target,
                      "original_size": tuple(original) if original is not None else None})
+
+
+def _extends(before: Prompt, prompt: Prompt, old_rows: set, new_rows: set) -> bool:
+    """Whether `prompt` only adds clicks to `before`: the same box, every old click kept, and more clicks (a click
+    on the very spot of an earlier one adds no new row, but it is a click: the user wants more of that)."""
+    return old_rows <= new_rows and len(prompt.points) > len(before.points) and _same_box(prompt.box, before.box)

@@ -85,8 +85,8 @@ class Prompt:
 
     @property
     def is_ambiguous(self) -> bool:
-        """At most MULTIMASK_POINTS clicks and nothing else: SAM's three-mask output answers it (best by predicted
-        IoU). Measured on GrabCut20 through the server (tools/quality.py): at the second click SAM's single
+        """At most MULTIMASK_POINTS clicks and nothing else: SAM's three-mask output answers it (the whole object
+        of the masks SAM rates about as good, `transforms.whole_object`). Measured on GrabCut20 through the server (tools/quality.py): at the second click SAM's single
         output refined from the first mask gave mIoU@2 0.83 and dropped good masks (0.97 -> 0.06); the
         multimask output of both clicks, without the first mask, 0.92."""
         if self.multimask is not None:

@@ -39,3 +39,17 @@ def test_a_100_megapixel_mask_needs_little_more_memory_than_itself():
     print(f"\n100 Mpx mask: peak {peak / 1e6:.0f} MB traced, the mask {mask.nbytes / 1e6:.0f} MB")
     # One piece: a 400 MB float32 logit image besides the 100 MB mask (600 MB traced).
     assert peak < mask.nbytes + 120e6
+
+
+def test_whole_object_takes_the_largest_mask_sam_rates_about_as_good():
+    logits = np.full((3, 256, 256), -5.0, np.float32)
+    logits[0, :10, :10] = 5  # a part
+    logits[1, :40, :40] = 5  # a larger part
+    logits[2, :, :] = 5  # everything, but most of it in the padding of a wide image
+    wide = (256, 1024)  # the image covers the top quarter of the 1024-frame: 64 low-res rows
+    assert transforms.whole_object(logits, np.array([0.99, 0.975, 0.80]), wide) == 1  # 0.80: not about as good
+    assert transforms.whole_object(logits, np.array([0.99, 0.975, 0.97]), wide) == 2
+    assert transforms.whole_object(logits, np.array([0.99, 0.93, 0.80]), wide) == 0
+    assert transforms.whole_object(logits, np.array([0.99, 0.93, 0.80]), wide, margin=0.1) == 1
+    logits[2, :64, :] = -5  # now empty over the image: the padding does not count
+    assert transforms.whole_object(logits, np.array([0.9, 0.9, 0.9]), wide) == 1
