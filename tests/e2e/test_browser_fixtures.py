@@ -159,7 +159,9 @@ def test_replayed_clicks_and_box_give_the_recorded_masks(live_backend, image_pat
         overlap = iou(mask, expected)
         assert overlap >= 0.9, f"{call['step']}: IoU {overlap:.3f} with MobileSAM on {prompt}"
         recorded_area = call["answer"]["results"][0]["result"][0]["area"]
-        assert mask.mean() == pytest.approx(recorded_area, abs=0.02), \
+        # the recording holds the answers of the backend before one or two clicks took the whole-object mask of
+        # SAM's three (transforms.whole_object): the first click's area went from 0.707 to 0.728
+        assert mask.mean() == pytest.approx(recorded_area, abs=0.04), \
             f"{call['step']}: area {mask.mean():.3f}, the editor got {recorded_area:.3f}"
         masks.append(mask)
     # The whole head, and what Label Studio stored on submit is the last answer.
