@@ -13,7 +13,8 @@ What is exported:
   `transforms.preprocess_image`, which is plain NumPy/PIL and documented, so serving needs no torch;
   output `image_embeddings` (1, 256, 64, 64).
 * decoder: `SamDecoderOnnx`, exactly what `advanced_sam.TorchSamPredictor.decode_low_res` computes (the same
-  `_sparse_embedding`, `mask_downscaling` / `no_mask_embed`, `get_dense_pe` and `mask_decoder.predict_masks`),
+  `_sparse_embedding`, `mask_downscaling` / `no_mask_embed`, `get_dense_pe` and `predict_masks`, SAM's
+  `MaskDecoder.predict_masks` with its output head as matrix products),
   inputs `image_embeddings`, `point_coords` (1, N, 2), `point_labels` (1, N), `mask_input` (1, 1, 256, 256),
   `has_mask_input` (1,), N dynamic; outputs `low_res_masks` (1, 4, 256, 256), `iou_predictions` (1, 4).
   It holds nothing of the image size: scaling prompts in and masks out happens in NumPy
@@ -65,7 +66,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from advanced_sam import MODEL_TYPES, CheckpointError, TorchSamPredictor, _sparse_embedding, build_sam
+from advanced_sam import (MODEL_TYPES, CheckpointError, TorchSamPredictor, _sparse_embedding, build_sam,
+                          predict_masks)
 from onnx_sam import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, META_MODEL_TYPE, META_PART,
                       META_QUANTIZATION, META_WEIGHTS, OnnxSamPredictor, open_session)
 from sam_backend import catalog
@@ -108,12 +110,7 @@ class SamDecoderOnnx(torch.nn.Module):
         has_mask = has_mask_input.reshape(1, 1, 1, 1)
         dense = (has_mask * encoder.mask_downscaling(mask_input)
                  + (1 - has_mask) * encoder.no_mask_embed.weight.reshape(1, -1, 1, 1))
-        return self.mask_decoder.predict_masks(
-            image_embeddings=image_embeddings,
-            image_pe=encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-        )
+        return predict_masks(self.mask_decoder, image_embeddings, encoder.get_dense_pe(), sparse, dense)
 
 
 def decoder_example() -> tuple[torch.Tensor, ...]:
