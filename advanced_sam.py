@@ -215,7 +215,8 @@ def _sparse_embedding(encoder: torch.nn.Module, coords: torch.Tensor, labels: to
 
 
 def predict_masks(decoder: torch.nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
-                  sparse: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  sparse: torch.Tensor, dense: torch.Tensor,
+                  reassociate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`MaskDecoder.predict_masks` for one prompt, with its output head as matrix products.
 
     image_embeddings, image_pe, dense: (1, 256, 64, 64); sparse: (1, N, 256). Returns (1, 4, 256, 256) mask logits
@@ -231,7 +232,12 @@ def predict_masks(decoder: torch.nn.Module, image_embeddings: torch.Tensor, imag
     torch's decode 10-20 % less. Used by `TorchSamPredictor` and traced by the ONNX export.
     """
     tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight, sparse[0]], dim=0)[None]
-    hs, src = decoder.transformer(image_embeddings + dense, image_pe, tokens)  # src: (1, h * w, c)
+    if reassociate is None:
+        reassociate = reassociation_pays(decoder.transformer, tokens.shape[1])
+    if reassociate:
+        hs, src = two_way_transformer(decoder.transformer, image_embeddings + dense, image_pe, tokens)
+    else:
+        hs, src = decoder.transformer(image_embeddings + dense, image_pe, tokens)  # src: (1, h * w, c)
     _, channels, height, width = image_embeddings.shape
     up1, norm, act1, up2, act2 = decoder.output_upscaling
     c1, c2 = up1.out_channels, up2.out_channels
@@ -244,3 +250,84 @@ def predict_masks(decoder: torch.nn.Module, image_embeddings: torch.Tensor, imag
     # rows of x: (y, x, i1, j1, i2, j2), output pixel (4y + 2 i1 + i2, 4x + 2 j1 + j2)
     masks = (x @ hyper.T).reshape(height, width, 2, 2, 2, 2, -1).permute(6, 0, 2, 4, 1, 3, 5)
     return masks.reshape(1, -1, 4 * height, 4 * width), decoder.iou_prediction_head(hs[:, 0, :])
+
+
+def reassociation_pays(transformer: torch.nn.Module, tokens: int) -> bool:
+    """Whether `two_way_transformer` multiplies less than SAM's own for `tokens` prompt tokens T. Per cross
+    attention and pixel it multiplies 2 * heads * T * C times, SAM's 2 * (C + T) * D (C channels, D internal):
+    for MobileSAM and SAM (C 256, D 128, 8 heads) while T <= 17, i.e. up to 11 clicks (a box: 10)."""
+    attention = transformer.final_attn_token_to_image
+    channels, internal = attention.embedding_dim, attention.internal_dim
+    return attention.num_heads * tokens * channels < (channels + tokens) * internal
+
+
+def two_way_transformer(transformer: torch.nn.Module, image_embedding: torch.Tensor, image_pe: torch.Tensor,
+                        tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`TwoWayTransformer.forward` for one prompt, its attention between the prompt's tokens and the image's
+    grid computed in the image's channel space (`_token_to_image`, `_image_to_token`).
+
+    image_embedding, image_pe: (1, C, h, w); tokens: (1, T, C). Returns the tokens (1, T, C) and the image's
+    (1, h * w, C), SAM's own to float rounding (tested against both TwoWayTransformers).
+    """
+    keys = image_embedding.flatten(2)[0].T  # (h * w, C)
+    key_pe = image_pe.flatten(2)[0].T
+    queries = query_pe = tokens[0]
+    for layer in transformer.layers:
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries[None], k=queries[None], v=queries[None])[0]
+        else:
+            q = (queries + query_pe)[None]
+            queries = queries + layer.self_attn(q=q, k=q, v=queries[None])[0]
+        queries = layer.norm1(queries)
+        k = keys + key_pe
+        queries = layer.norm2(queries + _token_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        keys = layer.norm4(keys + _image_to_token(layer.cross_attn_image_to_token, k, queries + query_pe, queries))
+    attended = _token_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
+    return transformer.norm_final_attn(queries + attended)[None], keys[None]
+
+
+def _heads(linear: torch.nn.Linear, heads: int) -> torch.Tensor:
+    """A projection's (D, C) weight as (heads, D / heads, C)."""
+    return linear.weight.reshape(heads, -1, linear.weight.shape[1])
+
+
+def _token_to_image(attention: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAM's `Attention(q, k, v)` of T tokens to P pixels: q (T, C); k, v (P, C). Returns (T, C).
+
+    SAM projects the P keys and values into the attention's D channels (D = C / 2) and splits them into heads.
+    The same scores are the query of each head carried back into the C input channels, (heads * T, C), times the
+    unprojected keys; the key bias adds one constant to each query's scores, which softmax removes. The values
+    are mixed first and projected after. For a few clicks (`reassociation_pays`) that is about half the
+    multiplications, and no (P, D) tensor is made or split into heads.
+    """
+    heads = attention.num_heads
+    queries = attention.q_proj(q).reshape(q.shape[0], heads, -1).transpose(0, 1)  # (heads, T, d)
+    scale = queries.shape[-1] ** -0.5
+    carried = torch.bmm(queries * scale, _heads(attention.k_proj, heads))  # (heads, T, C)
+    weights = torch.softmax(carried.reshape(-1, k.shape[1]) @ k.T, dim=-1)  # (heads * T, P)
+    mixed = (weights @ v).reshape(heads, q.shape[0], -1)  # (heads, T, C)
+    values = torch.bmm(mixed, _heads(attention.v_proj, heads).transpose(1, 2))  # (heads, T, d)
+    values = values.transpose(0, 1).reshape(q.shape[0], -1)
+    return attention.out_proj(values + attention.v_proj.bias)
+
+
+def _image_to_token(attention: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAM's `Attention(q, k, v)` of P pixels to T tokens: q (P, C); k, v (T, C). Returns (P, C).
+
+    The tokens' keys are carried into the pixels' C input channels through the query projection, (C, heads * T),
+    so the P queries are never projected; the query bias becomes one score per key. Each head's values are
+    projected through its slice of the output projection ahead, (heads * T, C), so the softmax weights give the
+    output directly.
+    """
+    heads = attention.num_heads
+    keys = attention.k_proj(k).reshape(k.shape[0], heads, -1).transpose(0, 1)  # (heads, T, d)
+    values = attention.v_proj(v).reshape(k.shape[0], heads, -1).transpose(0, 1)
+    keys = keys * keys.shape[-1] ** -0.5
+    carried = torch.bmm(_heads(attention.q_proj, heads).transpose(1, 2), keys.transpose(1, 2))  # (heads, C, T)
+    carried = carried.transpose(0, 1).reshape(q.shape[1], -1)  # (C, heads * T)
+    bias = (keys @ attention.q_proj.bias.reshape(heads, -1, 1)).reshape(-1)  # (heads * T,)
+    weights = torch.softmax((q @ carried + bias).reshape(q.shape[0], heads, k.shape[0]), dim=-1)  # (P, heads, T)
+    out_weight = attention.out_proj.weight.reshape(-1, heads, keys.shape[-1]).permute(1, 2, 0)  # (heads, d, C)
+    projected = torch.bmm(values, out_weight).reshape(heads * k.shape[0], -1)  # (heads * T, C)
+    return weights.reshape(q.shape[0], -1) @ projected + attention.out_proj.bias

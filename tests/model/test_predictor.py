@@ -187,32 +187,36 @@ def test_the_encoder_runs_at_lower_priority_and_decodes_single_threaded(mobile_s
     assert iou(single.mask, default.mask) >= 0.999 and iou(single.mask, truth) >= 0.85
 
 
-def _reference_and_ours(decoder, prompt_encoder, seed):
+def _reference_and_ours(decoder, prompt_encoder, seed, reassociate=None, clicks=2):
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(1, 256, 64, 64, generator=generator)
-    coords = torch.rand(1, 4, 2, generator=generator) * 1024
-    labels = torch.tensor([[1, 0, 2, 3]])
+    coords = torch.rand(1, clicks + 2, 2, generator=generator) * 1024
+    labels = torch.tensor([[1, 0] * (clicks // 2) + [1] * (clicks % 2) + [2, 3]])
     mask = torch.randn(1, 1, 256, 256, generator=generator) * 4
     with torch.inference_mode():
         sparse, dense = prompt_encoder(points=(coords, labels), boxes=None, masks=mask)
         image_pe = prompt_encoder.get_dense_pe()
         reference = decoder.predict_masks(features, image_pe, sparse, dense)
-        ours = advanced_sam.predict_masks(decoder, features, image_pe, sparse, dense)
+        ours = advanced_sam.predict_masks(decoder, features, image_pe, sparse, dense, reassociate)
     return reference, ours
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_the_matrix_product_head_is_sams_mask_decoder(sam_model, seed):
-    """`predict_masks` (the output head as matrix products, in the ONNX export too) against MobileSAM's own
-    `MaskDecoder.predict_masks`, with the real weights, clicks, a box and a mask input."""
-    (masks, iou_pred), (ours, our_iou) = _reference_and_ours(sam_model.mask_decoder, sam_model.prompt_encoder, seed)
+@pytest.mark.parametrize("seed, reassociate, clicks", [(0, None, 2), (1, None, 2), (0, False, 2), (2, True, 1),
+                                                        (3, True, 24), (3, None, 24)])
+def test_the_matrix_product_head_is_sams_mask_decoder(sam_model, seed, reassociate, clicks):
+    """`predict_masks` (the output head as matrix products, the attention in the image's channels
+    (`two_way_transformer`), in the ONNX export too) against MobileSAM's own `MaskDecoder.predict_masks`, with
+    the real weights, clicks, a box and a mask input; each form of the attention, for few clicks and many."""
+    (masks, iou_pred), (ours, our_iou) = _reference_and_ours(sam_model.mask_decoder, sam_model.prompt_encoder, seed,
+                                                             reassociate, clicks)
     assert ours.shape == masks.shape == (1, 4, 256, 256)
     assert torch.allclose(ours, masks, atol=2e-4, rtol=0)
     assert torch.allclose(our_iou, iou_pred, atol=1e-5, rtol=0)
     assert ((ours > 0) != (masks > 0)).float().mean() < 1e-4
 
 
-def test_the_matrix_product_head_is_segment_anythings_mask_decoder():
+@pytest.mark.parametrize("reassociate", [False, True])
+def test_the_matrix_product_head_is_segment_anythings_mask_decoder(reassociate):
     """The same for segment_anything's decoder (that of ViT-B/L/H), random weights of its ViT-H layout."""
     from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
@@ -225,6 +229,9 @@ def test_the_matrix_product_head_is_segment_anythings_mask_decoder():
             torch.nn.init.normal_(module.bias, 0.0, 0.3)
     prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
                                    mask_in_chans=16).eval()
-    (masks, iou_pred), (ours, our_iou) = _reference_and_ours(decoder, prompt_encoder, 4)
+    for module in decoder.modules():  # random biases too: the attention's key bias must cancel, the others not
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.bias, 0.0, 0.3)
+    (masks, iou_pred), (ours, our_iou) = _reference_and_ours(decoder, prompt_encoder, 4, reassociate)
     assert torch.allclose(ours, masks, atol=2e-4, rtol=0)
     assert torch.allclose(our_iou, iou_pred, atol=1e-5, rtol=0)
