@@ -1,4 +1,5 @@
-"""sam.refinement: a refined answer that jumps away from the previous mask is caught by a second, fresh decode."""
+"""sam.refinement: a refined answer that jumps away from the previous mask is caught by a second, fresh decode; a
+repeated click is decoded once; a negative click removes only what lies near it."""
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +36,8 @@ class Scripted:
 
 
 EMBEDDING = Embedding(np.zeros((1, 256, 64, 64), np.float32), (256, 256), (1024, 1024))
-CLICKS = Prompt(points=np.array([[100, 100], [150, 150], [20, 20]], np.float32), labels=np.array([1, 1, 0], np.int32),
+# the newest click (last) is positive: negative ones have their removals bounded (tests below)
+CLICKS = Prompt(points=np.array([[100, 100], [20, 20], [150, 150]], np.float32), labels=np.array([1, 0, 1], np.int32),
                 mask_input=PREVIOUS)
 
 
@@ -103,3 +105,58 @@ def test_clicks_added_to_a_box_are_decoded_once_as_before():
     predictor = ByScore(0.99, 0.5)
     prompt = Prompt(points=CLICKS.points, labels=CLICKS.labels, box=BOX_AFTER_CLICKS.box)
     assert refinement.decode(predictor, EMBEDDING, prompt).score == 0.5 and len(predictor.prompts) == 1
+
+
+def test_a_repeated_click_is_decoded_once_and_the_newest_click_stays_last():
+    points = np.array([[100, 100], [120, 90], [100, 100], [120, 90], [120, 90]], np.float32)
+    labels = np.array([1, 0, 1, 0, 1], np.int32)  # (120, 90) negative twice, then positive at the same pixel
+    predictor = Scripted(refined=PREVIOUS, fresh=PREVIOUS)
+    refinement.decode(predictor, EMBEDDING, Prompt(points, labels, mask_input=PREVIOUS))
+    (sent,) = predictor.prompts
+    assert sent.points.tolist() == [[100, 100], [120, 90], [120, 90]] and sent.labels.tolist() == [1, 0, 1]
+    alone = Prompt(points[:2], labels[:2])
+    assert refinement.distinct_clicks(alone) is alone
+
+
+# the previous mask is the square 64..192; a negative click at (100, 100) is about 37 pixels deep (to the edge at
+# 64), so with REMOVAL_REACH 4 it may remove anything of the square (at most 130 pixels from it)
+NEGATIVE = Prompt(points=np.array([[128, 128], [100, 100]], np.float32), labels=np.array([1, 0], np.int32),
+                  mask_input=PREVIOUS)
+
+
+def test_a_negative_click_near_the_edge_removes_only_what_lies_near_it():
+    """A click 4 pixels inside the square (depth about 5, reach about 20): the answer that drops the square's far
+    quarter (columns 160..192) as well as the corner around the click gets the far quarter back; what lies
+    within reach of the click stays removed, and the full-size mask is that of the merged logits."""
+    click = Prompt(points=np.array([[128, 128], [68, 68]], np.float32), labels=np.array([1, 0], np.int32),
+                   mask_input=PREVIOUS)
+    answer = logits_of(64, 64)
+    answer[:, 64:192, 160:192] = -5.0  # the far quarter lost
+    answer[:, 64:76, 64:76] = -5.0  # the corner around the click removed, as asked
+    predictor = Scripted(refined=answer, fresh=PREVIOUS)
+    result = refinement.decode(predictor, EMBEDDING, click)
+    kept = result.low_res_logits[0] > 0
+    assert kept[64:192, 160:192].all(), "the far quarter is put back"
+    assert not kept[66:70, 66:70].any(), "the pixels around the click stay removed"
+    distance = np.hypot(*np.mgrid[:256, :256][::-1] - 68)
+    removed = (PREVIOUS[0] > 0) & ~kept
+    assert removed.any() and distance[removed].max() <= refinement.REMOVAL_REACH * 5 + 1
+    assert np.array_equal(result.mask, kept), "the full-size mask (256x256 image here) follows the merged logits"
+    assert result.score == 0.9 and len(predictor.prompts) == 1
+
+
+def test_a_deep_negative_click_may_remove_a_large_part_and_additions_are_kept():
+    answer = logits_of(64, 64)
+    answer[:, 64:192, 64:128] = -5.0  # half the square removed, the click's side, to 92 pixels from it
+    answer[:, 10:20, 10:20] = 5.0  # and something added far away
+    predictor = Scripted(refined=answer, fresh=answer)  # (a jump with no closer fresh answer: kept)
+    result = refinement.decode(predictor, EMBEDDING, NEGATIVE)
+    assert np.array_equal(result.low_res_logits, answer) and np.array_equal(result.mask, answer[0] > 0)
+
+
+def test_positive_clicks_and_answers_that_remove_nothing_far_are_kept_as_they_are():
+    answer = logits_of(64, 64, side=64)  # three quarters of the square removed
+    positive = Prompt(points=NEGATIVE.points, labels=np.array([0, 1], np.int32), mask_input=PREVIOUS)
+    for prompt in (positive, Prompt(NEGATIVE.points, NEGATIVE.labels)):  # positive newest; no previous mask
+        predictor = Scripted(refined=answer, fresh=answer)
+        assert np.array_equal(refinement.decode(predictor, EMBEDDING, prompt).low_res_logits, answer)
