@@ -30,7 +30,7 @@ from sam_backend import catalog
 from sam_backend.errors import OnnxModelError
 from sam_backend.sam import transforms
 from sam_backend.sam.lanes import Decodes, EncoderLane
-from sam_backend.sam.types import Embedding, Prediction, Prompt
+from sam_backend.sam.types import Embedding, Prediction, Prompt, convert
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class OnnxSamPredictor:
     def _run_decoder(session: ort.InferenceSession, embedding: Embedding, coords: np.ndarray, labels: np.ndarray,
                      mask_input: np.ndarray, has_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         low_res, iou = session.run(["low_res_masks", "iou_predictions"], {
-            "image_embeddings": np.ascontiguousarray(embedding.features, dtype=np.float32),
+            "image_embeddings": convert(embedding.features, np.float32),
             "point_coords": coords,
             "point_labels": labels,
             "mask_input": mask_input,
