@@ -48,11 +48,11 @@ class Settings:
     onnx_decoder: Path | None = None  # ONNX_DECODER_PATH; default models/<model>.decoder.onnx
     torch_threads: int = 0  # TORCH_NUM_THREADS; 0 = torch's default
     ort_threads: int = 0  # ORT_NUM_THREADS; 0 = onnxruntime's default
-    #: DECODE_THREADS: threads of one click's decode (torch and ONNX Runtime); 0: every core for a click that runs
-    #: alone, one core each for overlapping clicks; N: N threads for every click. 0 since the decoder's
-    #: attention and head became matrix products (README, "Speed and memory"): on 2 cores of an AMD EPYC (AVX2)
-    #: a lone ONNX click at 1920x1080 took 52 ms over HTTP against 60 ms with 1, and 8 annotators at once
-    #: p95 108 ms against 115 ms, for about 30-90 MiB more (a second decoder session)
+    #: DECODE_THREADS: threads of one click's decode (SAM / MobileSAM on torch and ONNX Runtime); 0: every core
+    #: for a click that runs alone, one core each for overlapping clicks; N: N threads for every click. 0 since
+    #: the decoder's attention and head became matrix products (README, "Speed and memory"): on 2 cores of an
+    #: AMD EPYC (AVX2) a lone ONNX click at 1920x1080 took 52 ms over HTTP against 60 ms with 1, and 8
+    #: annotators at once p95 108 ms against 115 ms, for about 30-90 MiB more (a second decoder session)
     decode_threads: int = 0
     #: MAX_CONCURRENT_DECODES: clicks decoded at once per worker (each holds a mask of its image's size); 0 = the
     #: CPUs this process may use. The others wait their turn.

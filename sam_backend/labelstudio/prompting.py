@@ -21,7 +21,7 @@ from sam_backend.errors import ContextError
 from sam_backend.labelstudio.context import Region, draft_regions
 from sam_backend.labelstudio.label_config import ProjectConfig
 from sam_backend.labelstudio.memory import PromptMemory
-from sam_backend.sam.types import MULTIMASK_POINTS, Prompt
+from sam_backend.sam.types import MULTIMASK_POINTS, Prompt, distinct_clicks
 from sam_backend.settings import Settings
 
 
@@ -48,7 +48,8 @@ def assemble(call: Sequence[Region], task: Mapping[str, Any], config: ProjectCon
         rectangles = [r for r in of_target if r.type == "rectanglelabels"]
         if prompt.box is not None and len(prompt.points) and rectangles[-1].id in call_ids:
             prompt = replace(prompt, new_box=True)  # a box after clicks (refinement.decode)
-        if settings.refine_masks and (prompt.box is not None or len(prompt.points) > MULTIMASK_POINTS):
+        clicks = len(distinct_clicks(prompt).points)  # as SAM will see them (refinement.decode)
+        if settings.refine_masks and (prompt.box is not None or clicks > MULTIMASK_POINTS):
             # up to MULTIMASK_POINTS clicks the prompt stays ambiguous: SAM's three masks of the clicks alone
             # beat a refinement of the first click's mask (Prompt.is_ambiguous)
             previous = memory.previous_mask(task_key, target, prompt)

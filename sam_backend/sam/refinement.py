@@ -15,12 +15,13 @@ not the negative ones) gave 0.958. Clicks added to an existing box are decoded a
 
 Two rules keep later clicks from wrecking a mask (GrabCut20, ONNX: objects with a drop > 0.05 4 -> 0):
 
-* A click repeated on the very pixel of an earlier one (same label) is decoded once (`distinct_clicks`). SAM was
+* A click repeated on the pixel of an earlier one (same label) is decoded once (`distinct_clicks`). SAM was
   trained on clicks sampled from error regions, never on identical tokens; three copies of one negative click
   made its single output collapse (21077: 0.91 -> 0.06).
 * A negative click removes only what lies near it (`bound_removal`): of the pixels the answer takes out of the
   previous mask, those farther from the click than REMOVAL_REACH times the click's depth in that mask (its
-  distance to the mask's edge, at 256x256) are put back. A negative click says "this part is not the object"; an
+  distance to the mask's edge, at 256x256, the image's border not counting as one; at least MIN_DEPTH) are put
+  back. A negative click says "this part is not the object"; an
   answer that also drops distant parts of a good mask is SAM losing the object (189080: 0.82 -> 0.63, 326038:
   0.97 -> 0.78). What the answer adds is kept, and positive clicks are not bounded: on the synthetic scenes
   large corrections by either kind are right, and a bound on growth (or on the removal's connected component
@@ -35,7 +36,7 @@ import numpy as np
 
 from sam_backend.sam import transforms
 from sam_backend.sam.transforms import IMAGE_SIZE, LOW_RES
-from sam_backend.sam.types import Embedding, Prediction, Predictor, Prompt
+from sam_backend.sam.types import Embedding, Prediction, Predictor, Prompt, distinct_clicks
 
 #: a refined answer whose low-resolution mask overlaps the previous one less than this (IoU) is a jump
 JUMP_IOU = 0.7
@@ -75,17 +76,6 @@ def decode(predictor: Predictor, embedding: Embedding, prompt: Prompt) -> Predic
     return bound_removal(refined, prompt, embedding)
 
 
-def distinct_clicks(prompt: Prompt) -> Prompt:
-    """`prompt` with each (x, y, label) click once, where it was last made (the newest click stays last); itself
-    if none repeats."""
-    rows = np.column_stack([prompt.points, prompt.labels.astype(np.float32)])
-    _, from_end = np.unique(rows[::-1], axis=0, return_index=True)
-    if len(from_end) == len(rows):
-        return prompt
-    keep = np.sort(len(rows) - 1 - from_end)
-    return replace(prompt, points=prompt.points[keep], labels=prompt.labels[keep])
-
-
 def bound_removal(answer: Prediction, prompt: Prompt, embedding: Embedding,
                   reach: float = REMOVAL_REACH) -> Prediction:
     """`answer` to `prompt` (clicks refining `prompt.mask_input`, the newest one last) with the pixels it took out of
@@ -109,8 +99,9 @@ def bound_removal(answer: Prediction, prompt: Prompt, embedding: Embedding,
     x, y = prompt.points[-1]
     column = min(cols - 1, max(0, int(x * in_size[1] / width * LOW_RES / IMAGE_SIZE)))
     row = min(rows - 1, max(0, int(y * in_size[0] / height * LOW_RES / IMAGE_SIZE)))
-    # distance to the nearest pixel outside the previous mask, the frame's edge counting as outside
-    inside = np.pad(before.astype(np.uint8), 1)
+    # distance to the nearest pixel outside the previous mask; the image's border is no edge of the mask (a
+    # false floor or sky along it is as deep as it is tall)
+    inside = np.pad(before.astype(np.uint8), 1, constant_values=1)
     depth = float(cv2.distanceTransform(inside, cv2.DIST_L2, cv2.DIST_MASK_5)[row + 1, column + 1])
     radius = reach * max(depth, MIN_DEPTH)
     ys, xs = np.ogrid[:rows, :cols]

@@ -9,7 +9,7 @@ Geometry shared by both predictors lives in `sam_transforms`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import cv2
@@ -25,7 +25,7 @@ def convert(array: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
     if fast is not None and pair == {np.dtype(np.float16), np.dtype(np.float32)} and array.ndim and array.size:
         flat = np.ascontiguousarray(array).reshape(-1, array.shape[-1])
         return fast(flat).view(dtype).reshape(array.shape)  # to float16, OpenCV hands back the bits as int16
-    return np.ascontiguousarray(array, dtype=dtype)
+    return np.asarray(array, dtype=dtype, order="C")
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,18 @@ class Prompt:
     def is_single_click(self) -> bool:
         """One point and nothing else (SAM 2's three-mask case, as SAM2ImagePredictor's users call it)."""
         return len(self.points) == 1 and self.box is None and self.mask_input is None
+
+
+def distinct_clicks(prompt: Prompt) -> Prompt:
+    """`prompt` with one click of each label per image pixel, at the place it was last made (the newest click
+    stays last); itself if none repeats. Label Studio sends percentages, so two clicks on one pixel at other
+    zoom levels differ in their fractions: the pixel (floor of x, y) is what counts."""
+    rows = np.column_stack([np.floor(prompt.points), prompt.labels.astype(np.float32)])
+    _, from_end = np.unique(rows[::-1], axis=0, return_index=True)
+    if len(from_end) == len(rows):
+        return prompt
+    keep = np.sort(len(rows) - 1 - from_end)
+    return replace(prompt, points=prompt.points[keep], labels=prompt.labels[keep])
 
 
 @dataclass(frozen=True)

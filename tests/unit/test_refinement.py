@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from sam_backend.sam import refinement
-from sam_backend.sam.types import Embedding, Prediction, Prompt
+from sam_backend.sam.types import Embedding, Prediction, Prompt, distinct_clicks
 
 PREVIOUS = np.full((1, 256, 256), -5.0, np.float32)
 PREVIOUS[:, 64:192, 64:192] = 5.0  # the object's previous mask: a square
@@ -115,7 +115,9 @@ def test_a_repeated_click_is_decoded_once_and_the_newest_click_stays_last():
     (sent,) = predictor.prompts
     assert sent.points.tolist() == [[100, 100], [120, 90], [120, 90]] and sent.labels.tolist() == [1, 0, 1]
     alone = Prompt(points[:2], labels[:2])
-    assert refinement.distinct_clicks(alone) is alone
+    assert distinct_clicks(alone) is alone
+    moved = Prompt(np.array([[100.2, 100.7], [100.9, 100.1]], np.float32), np.array([1, 1], np.int32))
+    assert np.allclose(distinct_clicks(moved).points, [[100.9, 100.1]]), "one pixel, the newer click's place"
 
 
 # the previous mask is the square 64..192; a negative click at (100, 100) is about 37 pixels deep (to the edge at
@@ -160,3 +162,18 @@ def test_positive_clicks_and_answers_that_remove_nothing_far_are_kept_as_they_ar
     for prompt in (positive, Prompt(NEGATIVE.points, NEGATIVE.labels)):  # positive newest; no previous mask
         predictor = Scripted(refined=answer, fresh=answer)
         assert np.array_equal(refinement.decode(predictor, EMBEDDING, prompt).low_res_logits, answer)
+
+
+def test_the_image_border_is_no_edge_of_the_mask():
+    """A false floor along the image's bottom border (rows 200..256, columns 0..128 of the previous mask, beside
+    the object): a negative click 3 pixels above the border is as deep as the floor is tall (about 53), not 3
+    pixels, so SAM's answer that removes the whole floor stands. (A floor much longer than 4 x its height needs
+    more than one click: the reach is a disk.)"""
+    previous = logits_of(64, 64)
+    previous[:, 200:256, 0:128] = 5.0
+    answer = logits_of(64, 64)  # the strip removed, the object kept
+    click = Prompt(points=np.array([[128, 128], [30, 252]], np.float32), labels=np.array([1, 0], np.int32),
+                   mask_input=previous)
+    predictor = Scripted(refined=answer, fresh=answer)
+    result = refinement.decode(predictor, EMBEDDING, click)
+    assert not (result.low_res_logits[0, 200:256] > 0).any(), "the whole strip stays removed"
