@@ -87,8 +87,7 @@ def bound_removal(answer: Prediction, prompt: Prompt, embedding: Embedding,
     if prompt.mask_input is None or not len(prompt.labels) or prompt.labels[-1] != 0:
         return answer
     in_size = embedding.input_size
-    rows = max(1, round(in_size[0] * LOW_RES / IMAGE_SIZE))
-    cols = max(1, round(in_size[1] * LOW_RES / IMAGE_SIZE))
+    rows, cols = transforms.low_res_extent(in_size)
     previous = np.asarray(prompt.mask_input, dtype=np.float32).reshape(LOW_RES, LOW_RES)
     logits = np.asarray(answer.low_res_logits, dtype=np.float32).reshape(LOW_RES, LOW_RES)
     before, after = previous[:rows, :cols] > 0, logits[:rows, :cols] > 0

@@ -98,6 +98,12 @@ def best_prediction(low_res: np.ndarray, iou: np.ndarray, prompt: Prompt, embedd
     return Prediction(mask=mask, score=float(iou[index]), low_res_logits=logits[None].astype(np.float32))
 
 
+def low_res_extent(in_size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of the (256, 256) logit frame that hold the image (the rest is the 1024-frame's padding);
+    in_size: (h, w) of the image in the 1024-frame."""
+    return max(1, round(in_size[0] * LOW_RES / IMAGE_SIZE)), max(1, round(in_size[1] * LOW_RES / IMAGE_SIZE))
+
+
 #: of SAM's three masks for an ambiguous prompt, the largest whose predicted IoU is within this of the best wins
 WHOLE_OBJECT_MARGIN = 0.03
 
@@ -115,8 +121,7 @@ def whole_object(logits: np.ndarray, iou: np.ndarray, in_size: tuple[int, int],
     clear scene (ellipse-coffee-hubble) under IoU 0.85, hence 0.03. Clicking a part of an object may then give
     the object; a negative click on the rest takes it back to the part.
     """
-    rows = max(1, round(in_size[0] * LOW_RES / IMAGE_SIZE))
-    cols = max(1, round(in_size[1] * LOW_RES / IMAGE_SIZE))
+    rows, cols = low_res_extent(in_size)
     best = float(np.max(iou))
     near = [i for i in range(len(iou)) if iou[i] >= best - margin]
     return max(near, key=lambda i: (int(np.count_nonzero(logits[i, :rows, :cols] > 0)), float(iou[i])))
