@@ -8,7 +8,8 @@ each step of a /predict call lives in the library:
 3. get the embedding: `sam_backend.images` downloads and decodes the task's image, `sam_backend.cache` runs the
    encoder once per image (and ahead of time when Label Studio opens a task);
 4. decode: the `Predictor` handed in (`sam_backend.sam.types`; torch or ONNX Runtime, picked by
-   `sam_backend.sam.loading`);
+   `sam_backend.sam.loading`), in the prompt's view: the whole image, or a crop around a small object
+   (`sam_backend.sam.zoom`) with an embedding of its own, started in the background after the click before;
 5. build the results: `labelstudio.results` (brush RLE by `encoding.rle`, polygons and boxes by
    `encoding.outlines`).
 
@@ -36,7 +37,7 @@ from sam_backend.jobs.runner import JobBusy, JobOptions, ProjectJob
 from sam_backend.labelstudio import boxes, context, label_config, prompting, results
 from sam_backend.labelstudio.memory import PromptMemory, SharedPromptMemory
 from sam_backend.lru import BoundedLRU
-from sam_backend.sam import automatic, refinement
+from sam_backend.sam import automatic, refinement, zoom
 from sam_backend.sam.types import Embedding, Predictor
 from sam_backend.settings import Settings
 from sam_backend.store import GuardedStore, StateStore, open_store
@@ -198,23 +199,36 @@ class SamModel:
                      regions: list[context.Region], project: Any, fallback: LabelStudioAccess | None) -> dict:
         image_name = config.prompt_tags[regions[0].group[0]].to_name
         url = _image_url(task, index, config, image_name)
-        embedding = self._embedding(url, task, fallback, _image_field(index, config, image_name))
+        where = _image_field(index, config, image_name)
+        embedding = self._embedding(url, task, fallback, where)
         context.check_sizes(regions, embedding.original_size, redact_url(url))
         task_key = (project, task.get("id"), url)
+        size = embedding.original_size
         found = []
-        for target, prompt in prompting.assemble(regions, task, config, self.memory, task_key,
-                                                 embedding.original_size, self.settings):
+        for target, prompt in prompting.assemble(regions, task, config, self.memory, task_key, size, self.settings):
+            # a crop around a small object (sam.zoom) has an embedding of its own, got before a decode slot
+            seen = embedding if prompt.view is None else self._embedding(url, task, fallback, where, prompt.view)
             with self._clicks:
-                prediction = refinement.decode(self.predictor, embedding, prompt)
+                prediction = refinement.decode(self.predictor, seen, zoom.into(prompt, prompt.view))
                 self.memory.remember_mask(task_key, target, prompt, prediction.low_res_logits)
-                if prediction.mask.any():
-                    found += results.mask_results(prediction.mask, prediction.score, target, image_name, config,
-                                                  self.settings)
-                del prediction  # its full-size mask, before the next click may start
+                mask = zoom.paste(prediction.mask, prompt.view, size)
+                if mask.any():
+                    found += results.mask_results(mask, prediction.score, target, image_name, config, self.settings)
+                # decoded in the whole image: the crop a next click would have, embedded meanwhile when nothing
+                # else is (many objects get one click only; later moves of a crop depend on where the click
+                # lands, and are embedded when it comes)
+                upcoming = zoom.choose(None, prediction.low_res_logits, prompt, size) \
+                    if self.settings.zoom_in and prompt.box is None and prompt.view is None else None
+                del prediction, mask  # the full-size mask, before the next click may start
+            if upcoming is not None and self.cache.idle:
+                self.cache.prewarm((url, upcoming), lambda view=upcoming: self._embedding(
+                    url, task, fallback, where, view))
         return results.task_result(found, self.model_version)
 
-    def _embedding(self, url: str, task: Mapping, fallback: LabelStudioAccess | None, where: str) -> Embedding:
-        """The embedding of the task's image. `where` names the task field holding `url`, for decode errors.
+    def _embedding(self, url: str, task: Mapping, fallback: LabelStudioAccess | None, where: str,
+                   view: zoom.View | None = None) -> Embedding:
+        """The embedding of the task's image, or of its crop `view` (`sam.zoom`). `where` names the task field
+        holding `url`, for decode errors.
 
         The image is downloaded unless this URL is a Label Studio upload that gave an embedded image less than
         IMAGE_URL_TTL seconds ago.
@@ -225,11 +239,16 @@ class SamModel:
         immutable = is_immutable(url)
         known = self.recent.get(source) if immutable else None
         if known is not None:
-            embedding = self.cache.get(known)
+            embedding = self.cache.get(known if view is None else (*known, view))
             if embedding is not None:
                 return embedding
         key, data = self._download(url, task, fallback)
-        return self.cache.get_or_compute(key, lambda: self.predictor.embed(*self._decode(data, url, where)))
+
+        def embed() -> Embedding:
+            pixels, size = self._decode(data, url, where)
+            return self.predictor.embed(*((pixels, size) if view is None else zoom.crop_pixels(pixels, size, view)))
+
+        return self.cache.get_or_compute(key if view is None else (*key, view), embed)
 
     def _download(self, url: str, task: Mapping, fallback: LabelStudioAccess | None) -> tuple[tuple[str, str], bytes]:
         """The image's bytes and its embedding's cache key; remembers the key of a Label Studio upload's URL."""

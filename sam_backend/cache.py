@@ -74,6 +74,12 @@ class EmbeddingCache:
     def nbytes(self) -> int:
         return self._items.nbytes
 
+    @property
+    def idle(self) -> bool:
+        """No embedding being computed here and none waiting to be prewarmed (a speculative one may start)."""
+        with self._lock:
+            return not self._pending and not self._prewarm_jobs
+
     def get(self, key: Hashable) -> Embedding | None:
         """The embedding for `key` if it is cached (counted as a hit), else None; never computes."""
         with self._lock:

@@ -79,6 +79,9 @@ class Settings:
     prompt_memory_size: int = 1024  # PROMPT_MEMORY_SIZE (task, class) entries
     prompt_memory_ttl: float = 3600.0  # PROMPT_MEMORY_TTL seconds
     refine_masks: bool = True  # REFINE_MASKS: feed the previous mask of the object back to SAM with each new click
+    #: ZOOM_IN: decode the clicks after the first on an object that is small in its image in a crop around it,
+    #: embedded on its own (sam/zoom.py; one more embedding per small object, started after the first click)
+    zoom_in: bool = True
     # Shared state (sam_backend/store): where embeddings, prompt memory and the image-URL map live
     state_store: str = ""  # STATE_STORE: memory | disk:<folder> | redis://host:port/db; "" = by WORKERS, see below
     state_store_max_bytes: int = 2 << 30  # STATE_STORE_MAX_BYTES: bound of the memory and disk stores
@@ -177,6 +180,7 @@ ENVIRONMENT = {
     "PROMPT_MEMORY_SIZE": "prompt_memory_size",
     "PROMPT_MEMORY_TTL": "prompt_memory_ttl",
     "REFINE_MASKS": "refine_masks",
+    "ZOOM_IN": "zoom_in",
     "STATE_STORE": "state_store",
     "STATE_STORE_MAX_BYTES": "state_store_max_bytes",
     "STATE_STORE_SECRET": "state_store_secret",

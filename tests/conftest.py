@@ -63,9 +63,10 @@ def fake_label_studio():
 def base_settings(fake_label_studio, mobile_sam_checkpoint):
     from sam_backend.settings import Settings
 
-    # Refinement off: each answer is then a pure function of its prompt, which the tests recompute.
+    # Refinement and zoom-in off: each answer is then a pure function of its prompt, which the tests recompute.
     return Settings(label_studio_url=fake_label_studio.url, label_studio_api_key=LS_TOKEN,
-                    mobilesam_checkpoint=mobile_sam_checkpoint, device="cpu", refine_masks=False)
+                    mobilesam_checkpoint=mobile_sam_checkpoint, device="cpu", refine_masks=False,
+                    zoom_in=False)
 
 
 @pytest.fixture(scope="session")

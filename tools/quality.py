@@ -26,7 +26,9 @@ Protocol (RITM's, as `../shared/datasets/README.md` states it), per object, on a
 
 Reported: mIoU@k (k = 1..max-clicks; IoU over the non-ignore pixels), NoC@85 / NoC@90 (clicks until IoU >= t,
 max-clicks when never), "drops" (objects where some added click lowered the IoU by more than 0.05; the
-issue's goal: at most 1 in 20), box after clicks and box alone, decode latency per call. `--traces` prints
+issue's goal: at most 1 in 20), box after clicks and box alone, SAM's single-mask output for click 1 straight
+from the predictor (the reference for mIoU@1; "1st worse" counts objects whose first click lost more than
+0.05 to it), decode latency per call. `--traces` prints
 each object's IoU after every click.
 """
 from __future__ import annotations
@@ -51,7 +53,7 @@ HERE = Path(__file__).resolve().parent.parent  # the repository
 
 from sam_backend import catalog
 from sam_backend.encoding import rle
-from sam_backend.sam.types import Predictor
+from sam_backend.sam.types import Predictor, Prompt
 from sam_backend.settings import Settings
 from tools.harness import recordings
 from tools.harness.scenes import EXTRA_RECIPES, RECIPES, scene
@@ -251,6 +253,7 @@ class Run:
     box_after: dict[int, float] = field(default_factory=dict)  # clicks before the box -> its IoU
     box_alone: float = float("nan")
     seconds: list[float] = field(default_factory=list)
+    single_first: float = float("nan")  # SAM's single-mask output for click 1, decoded without the server
 
     def noc(self, threshold: float, max_clicks: int) -> int:
         """Clicks until IoU >= threshold; max_clicks if it never gets there."""
@@ -320,6 +323,15 @@ def server_decoder(backend: Backend, item: Item, task_id: int) -> Decode:
     return decode
 
 
+def single_output_first(predictor: Predictor, item: Item) -> float:
+    """IoU of SAM's single-mask output (multimask off) for the first click, straight from `predictor`: the
+    reference the issue sets for the server's first click (its choice among SAM's three masks)."""
+    click = first_click(item.truth)
+    prompt = Prompt(points=np.array([[click.x, click.y]], np.float32), labels=np.array([1], np.int32),
+                    multimask=False)
+    return iou(predictor.decode(predictor.embed(item.image), prompt).mask, item.truth, item.ignore)
+
+
 # ---- the report -----------------------------------------------------------------------------------------------
 def summarise(runs: dict[str, Run], max_clicks: int) -> dict:
     summary: dict = {f"mIoU@{k}": round(float(np.mean([r.iou_at(k) for r in runs.values()])), 4)
@@ -334,6 +346,9 @@ def summarise(runs: dict[str, Run], max_clicks: int) -> dict:
     summary["box_after_clicks"] = round(float(np.mean(after)), 4) if after else None
     summary["box_after_worse"] = sum(v < r.box_alone - DROP for r in runs.values() for v in r.box_after.values())
     summary["box_alone"] = round(float(np.nanmean([r.box_alone for r in runs.values()])), 4)
+    singles = [r.single_first for r in runs.values() if not np.isnan(r.single_first)]
+    summary["sam_single@1"] = round(float(np.mean(singles)), 4) if singles else None
+    summary["first_worse"] = sum(r.iou_at(1) < r.single_first - DROP for r in runs.values())
     seconds = [s for r in runs.values() for s in r.seconds]
     summary["ms_per_click"] = round(1000 * float(np.median(seconds)), 1) if seconds else None
     return summary
@@ -349,17 +364,25 @@ def benchmark(predictor: Predictor, items: Sequence[Item], max_clicks: int = 20,
     try:
         for task_id, item in enumerate(items, start=1):
             runs[item.name] = run = simulate(server_decoder(backend, item, task_id), item, max_clicks)
+            run.single_first = single_output_first(predictor, item)
             log(f"  {item.name:<24} " + " ".join(f"{v:.3f}" for v in run.ious[:5])
                 + f" ... {run.ious[-1]:.3f}  box after " + " ".join(f"{v:.3f}" for v in run.box_after.values())
-                + f" alone {run.box_alone:.3f}"
+                + f" alone {run.box_alone:.3f}  SAM single@1 {run.single_first:.3f}"
                 + (f"  DROP {run.worst_drop():.3f}" if run.drops() else ""))
+        embedded = backend.model.cache.computed  # the images, and the crops zoom-in embedded (sam.zoom)
     finally:
         backend.close()
+    summary = summarise(runs, max_clicks)
+    summary["crops_embedded"] = embedded - len(items)
+    seconds = sorted(s for r in runs.values() for s in r.seconds)
+    summary["ms_per_click_p95"] = round(1000 * seconds[int(0.95 * (len(seconds) - 1))], 1) if seconds else None
     return {"predictor": predictor.model_version, "max_clicks": max_clicks, "thresholds": list(THRESHOLDS),
-            "summary": summarise(runs, max_clicks),
+            "summary": summary,
             "objects": {name: {"ious": [round(v, 4) for v in r.ious],
                                "clicks": [[round(c.x, 1), round(c.y, 1), int(c.positive)] for c in r.clicks],
-                               "box_after_clicks": {k: round(v, 4) for k, v in sorted(r.box_after.items())}, "box_alone": round(r.box_alone, 4),
+                               "box_after_clicks": {k: round(v, 4) for k, v in sorted(r.box_after.items())},
+                               "box_alone": round(r.box_alone, 4),
+                               "sam_single@1": round(r.single_first, 4),
                                **{f"NoC@{round(t * 100)}": r.noc(t, max_clicks) for t in THRESHOLDS}}
                         for name, r in runs.items()},
             "seconds": round(time.perf_counter() - started, 1), "machine": platform.machine(),
@@ -372,14 +395,19 @@ def table(reports: dict[str, dict], dataset: str) -> str:
     max_clicks = any_report["max_clicks"]
     shown = [k for k in REPORTED_CLICKS if k <= max_clicks]
     columns = ([f"mIoU@{k}" for k in shown] + ["NoC@85", "NoC@90", "failed@90", "objects_with_drops",
-               "box_after_clicks", "box_after_worse", "box_alone", "ms_per_click"])
-    heads = [c.replace("objects_with_drops", "drop>0.05").replace("box_after_clicks", "box after").replace("box_after_worse", "box worse")
-             .replace("box_alone", "box alone").replace("ms_per_click", "ms/call") for c in columns]
+               "box_after_clicks", "box_after_worse", "box_alone", "sam_single@1", "first_worse",
+               "ms_per_click"])
+    heads = [c.replace("objects_with_drops", "drop>0.05").replace("box_after_clicks", "box after")
+             .replace("box_after_worse", "box worse")
+             .replace("box_alone", "box alone").replace("sam_single@1", "single@1")
+             .replace("first_worse", "1st worse").replace("ms_per_click", "ms/call") for c in columns]
     count = len(any_report["objects"])
     after = ", ".join(map(str, BOX_AFTER))
     lines = [(f"{dataset}: {count} objects, {max_clicks} clicks; drop>0.05 = objects where an added click lowered "
              f"IoU by more than {DROP}; box after = mean IoU of the object's box drawn after {after} and all "
-             f"clicks; box worse = how many of those lost more than {DROP} to the box alone"),
+             f"clicks; box worse = how many of those lost more than {DROP} to the box alone; single@1 = SAM's "
+             f"single-mask output for click 1 (the reference for mIoU@1); 1st worse = objects whose click 1 "
+             f"lost more than {DROP} to it"),
              f"| {'predictor':<22} | " + " | ".join(f"{h:>9}" for h in heads) + " |",
              "|" + "---|" * (len(columns) + 1)]
     for name, report in reports.items():
@@ -406,16 +434,58 @@ def load_predictor(kind: str, threads: int = 0, onnx_dir: Path = catalog.MODELS_
                                   model_version="MobileSAM-torch", threads=threads)
 
 
+#: a mosaic tile: the GrabCut20 photos are 481 x 321 (or 321 x 481; cropped to the tile or padded with black)
+TILE = (321, 481)
+
+
+def mosaic_items(base: Sequence[Item], side: int = 3, seed: int = 0) -> list[Item]:
+    """Small objects in large images: each object of `base` in its photo, as one tile of a `side` x `side` mosaic
+    of other photos of `base` (the object at 1/side of the image's size; a 3x3 mosaic is 1443 x 963). The tile
+    and the other photos are drawn with `seed`, so the images are the same on every run."""
+    rng = np.random.default_rng(seed)
+    height, width = TILE
+
+    def fit(array: np.ndarray) -> np.ndarray:
+        out = np.zeros((height, width) + array.shape[2:], array.dtype)
+        rows, cols = min(height, array.shape[0]), min(width, array.shape[1])
+        out[:rows, :cols] = array[:rows, :cols]
+        return out
+
+    items = []
+    for index, item in enumerate(base):
+        others = rng.choice([j for j in range(len(base)) if j != index], side * side, replace=True)
+        place = int(rng.integers(side * side))
+        image = np.zeros((height * side, width * side, 3), np.uint8)
+        truth = np.zeros(image.shape[:2], bool)
+        ignore = np.zeros(image.shape[:2], bool)
+        for tile in range(side * side):
+            rows = slice(tile // side * height, (tile // side + 1) * height)
+            cols = slice(tile % side * width, (tile % side + 1) * width)
+            image[rows, cols] = fit((item if tile == place else base[others[tile]]).image)
+            if tile == place:
+                truth[rows, cols], ignore[rows, cols] = fit(item.truth), fit(item.ignore)
+        items.append(Item(item.name, image, truth, ignore))
+    return items
+
+
 def dataset_items(dataset: str, ignore_value: int, size: tuple[int, int], names: Sequence[str] | None) -> list[Item]:
+    """The objects of `dataset`: "scenes", "grabcut20", "mosaic<side>" (`mosaic_items` of GrabCut20, e.g.
+    mosaic3) or a folder."""
     if dataset == "scenes":
         return scene_items(names, size)
+    if dataset.startswith("mosaic") and dataset[6:].isdigit():
+        base = folder_items(GRABCUT20, ignore_value)
+        items = mosaic_items(base, int(dataset[6:]))
+        return [item for item in items if not names or item.name in names]
     folder = GRABCUT20 if dataset == "grabcut20" else Path(dataset)
     return folder_items(folder, ignore_value, names)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="grabcut20", help="grabcut20, scenes, or a folder of images/ + masks/")
+    parser.add_argument("--dataset", default="grabcut20",
+                        help="grabcut20, scenes, mosaic3 (GrabCut20's objects small in a 3x3 mosaic of its photos), "
+                             "or a folder of images/ + masks/")
     parser.add_argument("--ignore-value", type=int, default=128, help="mask value not counted (folders)")
     parser.add_argument("--names", nargs="+", help="only these ids / scene names")
     parser.add_argument("--predictor", nargs="+", choices=("torch", "onnx", "int8"), default=["torch"])
@@ -424,12 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="480x640", help="HxW of the scenes")
     parser.add_argument("--threads", type=int, default=0, help="torch / onnxruntime threads (0: default)")
     parser.add_argument("--no-refine", action="store_true", help="the server with REFINE_MASKS=false")
+    parser.add_argument("--no-zoom", action="store_true", help="the server with ZOOM_IN=false")
     parser.add_argument("--traces", action="store_true", help="print every object's IoU after each click")
     parser.add_argument("--json", type=Path, default=HERE / "artifacts" / "quality.json")
     args = parser.parse_args(argv)
     height, width = (int(v) for v in args.size.lower().split("x"))
     items = dataset_items(args.dataset, args.ignore_value, (height, width), args.names)
-    settings = replace(Settings(device="cpu"), refine_masks=not args.no_refine)
+    settings = replace(Settings(device="cpu"), refine_masks=not args.no_refine, zoom_in=not args.no_zoom)
     reports = {}
     for kind in args.predictor:
         print(f"{kind}:")
@@ -438,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.traces:
             print("\n".join(traces(reports[predictor.model_version])))
     print(table(reports, args.dataset))
+    for name, report in reports.items():
+        numbers = report["summary"]
+        print(f"{name}: {numbers['crops_embedded']} crops embedded for zoom-in; ms/call median "
+              f"{numbers['ms_per_click']}, p95 {numbers['ms_per_click_p95']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(reports, indent=1))
     print(f"wrote {args.json}")

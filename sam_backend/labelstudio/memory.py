@@ -65,26 +65,29 @@ class PromptMemory:
         return remembered
 
     def previous_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt) -> np.ndarray | None:
-        """The last mask's logits for `target` if `prompt` only adds clicks to the prompt that produced it.
+        """The last mask's logits for `target` if `prompt` only adds clicks to the prompt that produced it and
+        is decoded in the same view (`Prompt.view`: logits are those of the frame they were decoded in).
 
         That is SAM's interactive protocol: each new click refines the previous mask. Any other change (a
-        click removed or moved, another box) starts afresh.
+        click removed or moved, another box, another view) starts afresh.
         """
+        return _in_view(self.last_mask(task_key, target, prompt), prompt)
+
+    def last_mask(self, task_key: Hashable, target: tuple[str, str],
+                  prompt: Prompt) -> tuple[np.ndarray, tuple[int, int, int, int] | None] | None:
+        """(logits, the view they were decoded in) of `target`'s last mask if `prompt` only adds clicks to the
+        prompt that produced it, whatever its view; None otherwise."""
         with self._lock:
             memory = self._tasks.get(task_key)
             entry = memory.masks.get(target) if memory is not None else None
         if entry is None:
             return None
         before, logits = entry
-        # SAM's prompt tokens carry no order, so "adds clicks" is set containment of (x, y, label) rows.
-        old_rows = {tuple(row) for row in np.column_stack([before.points, before.labels]).tolist()}
-        new_rows = {tuple(row) for row in np.column_stack([prompt.points, prompt.labels]).tolist()}
-        extends = _extends(before, prompt, old_rows, new_rows)
-        return logits if extends else None
+        return (logits, before.view) if _extends(before, prompt) else None
 
     def remember_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt, logits: np.ndarray) -> None:
         """Keep `logits`, the mask `prompt` produced for `target`, for the next call's `previous_mask`."""
-        prompt = replace(prompt, mask_input=None)  # not needed to compare prompts, and as large as the logits
+        prompt = replace(prompt, mask_input=None, previous=None)  # not needed to compare prompts, and large
         with self._lock:
             memory = self._touch(task_key)
             memory.masks.pop(target, None)
@@ -148,21 +151,27 @@ class SharedPromptMemory:
 
     def previous_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt) -> np.ndarray | None:
         """As `PromptMemory.previous_mask`."""
+        return _in_view(self.last_mask(task_key, target, prompt), prompt)
+
+    def last_mask(self, task_key: Hashable, target: tuple[str, str],
+                  prompt: Prompt) -> tuple[np.ndarray, tuple[int, int, int, int] | None] | None:
+        """As `PromptMemory.last_mask`."""
         record = self._read(MASKS, _store_key(task_key, target))
         if record is None:
             return None
         arrays, _ = record
-        before = Prompt(points=arrays["points"], labels=arrays["labels"], box=arrays.get("box"))
-        old_rows = {tuple(row) for row in np.column_stack([before.points, before.labels]).tolist()}
-        new_rows = {tuple(row) for row in np.column_stack([prompt.points, prompt.labels]).tolist()}
-        extends = _extends(before, prompt, old_rows, new_rows)
-        return np.array(arrays["logits"]) if extends else None
+        view = arrays.get("view")
+        before = Prompt(points=arrays["points"], labels=arrays["labels"], box=arrays.get("box"),
+                        view=None if view is None else tuple(int(v) for v in view))
+        return (np.array(arrays["logits"]), before.view) if _extends(before, prompt) else None
 
     def remember_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt, logits: np.ndarray) -> None:
         arrays = {"points": np.asarray(prompt.points), "labels": np.asarray(prompt.labels),
                   "logits": np.asarray(logits)}
         if prompt.box is not None:
             arrays["box"] = np.asarray(prompt.box)
+        if prompt.view is not None:
+            arrays["view"] = np.asarray(prompt.view, dtype=np.int64)
         self._write(MASKS, _store_key(task_key, target), arrays, {})
 
     # ---- records -----------------------------------------------------------------------------------------
@@ -203,7 +212,15 @@ def _region(data: dict) -> Region:
                      "original_size": tuple(original) if original is not None else None})
 
 
-def _extends(before: Prompt, prompt: Prompt, old_rows: set, new_rows: set) -> bool:
+def _extends(before: Prompt, prompt: Prompt) -> bool:
     """Whether `prompt` only adds clicks to `before`: the same box, every old click kept, and more clicks (a click
     on the very spot of an earlier one adds no new row, but it is a click: the user wants more of that)."""
+    # SAM's prompt tokens carry no order, so "adds clicks" is set containment of (x, y, label) rows.
+    old_rows = {tuple(row) for row in np.column_stack([before.points, before.labels]).tolist()}
+    new_rows = {tuple(row) for row in np.column_stack([prompt.points, prompt.labels]).tolist()}
     return old_rows <= new_rows and len(prompt.points) > len(before.points) and _same_box(prompt.box, before.box)
+
+
+def _in_view(last: tuple[np.ndarray, tuple[int, int, int, int] | None] | None, prompt: Prompt) -> np.ndarray | None:
+    """The logits of `last` (`last_mask`'s answer) when they were decoded in `prompt`'s view."""
+    return last[0] if last is not None and last[1] == prompt.view else None

@@ -21,6 +21,7 @@ from sam_backend.errors import ContextError
 from sam_backend.labelstudio.context import Region, draft_regions
 from sam_backend.labelstudio.label_config import ProjectConfig
 from sam_backend.labelstudio.memory import PromptMemory
+from sam_backend.sam import zoom
 from sam_backend.sam.types import MULTIMASK_POINTS, Prompt, distinct_clicks
 from sam_backend.settings import Settings
 
@@ -32,9 +33,12 @@ def assemble(call: Sequence[Region], task: Mapping[str, Any], config: ProjectCon
     call's order. A class with nothing to ask for yet (only negative clicks) gets none.
 
     call: the regions of params.context; task_key: what the memory files this task under; image_size: (H, W).
-    Records the call's regions in `memory` for later calls. With settings.refine_masks, a prompt that only adds
-    clicks to the one that produced the class's last mask carries that mask as `mask_input`; the caller hands
-    each new mask back with `memory.remember_mask`.
+    Records the call's regions in `memory` for later calls. With settings.zoom_in, clicks added to those that
+    produced the class's last mask get the crop `zoom.choose` picks around it as `view` (or None). With
+    settings.refine_masks, a prompt that only adds clicks to the one that produced the class's last mask carries
+    that mask, in the prompt's view (`zoom.project`), as `mask_input`, or for two clicks (still ambiguous) as
+    `previous`; the caller decodes the prompt in its view and hands each new mask back with
+    `memory.remember_mask`.
     """
     remembered = memory.exchange(task_key, call)
     everything = combine(call, remembered, draft_regions(task, config))
@@ -48,13 +52,19 @@ def assemble(call: Sequence[Region], task: Mapping[str, Any], config: ProjectCon
         rectangles = [r for r in of_target if r.type == "rectanglelabels"]
         if prompt.box is not None and len(prompt.points) and rectangles[-1].id in call_ids:
             prompt = replace(prompt, new_box=True)  # a box after clicks (refinement.decode)
+        # (logits, their view) of the class's last mask when the prompt adds clicks to the one that made it
+        last = memory.last_mask(task_key, target, prompt) if settings.zoom_in or settings.refine_masks else None
+        if settings.zoom_in and prompt.box is None and len(prompt.points) and last is not None:
+            # the object's extent is known: a crop where it is small (sam.zoom)
+            prompt = replace(prompt, view=zoom.choose(last[1], last[0], prompt, image_size))
         clicks = len(distinct_clicks(prompt).points)  # as SAM will see them (refinement.decode)
-        if settings.refine_masks and (prompt.box is not None or clicks > MULTIMASK_POINTS):
-            # up to MULTIMASK_POINTS clicks the prompt stays ambiguous: SAM's three masks of the clicks alone
-            # beat a refinement of the first click's mask (Prompt.is_ambiguous)
-            previous = memory.previous_mask(task_key, target, prompt)
-            if previous is not None:
-                prompt = replace(prompt, mask_input=previous)
+        if settings.refine_masks and last is not None:
+            # Logits of another view are carried into this one (the crop moved with the object). Up to
+            # MULTIMASK_POINTS clicks the prompt stays ambiguous: SAM's three masks of the clicks alone beat a
+            # refinement of the first click's mask (Prompt.is_ambiguous); the mask only guards against a jump.
+            logits = zoom.project(last[0], last[1], prompt.view, image_size)
+            ambiguous = prompt.box is None and clicks <= MULTIMASK_POINTS
+            prompt = replace(prompt, **{"previous" if ambiguous else "mask_input": logits})
         prompts.append((target, prompt))
     return prompts
 

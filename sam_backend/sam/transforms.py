@@ -90,7 +90,7 @@ def best_prediction(low_res: np.ndarray, iou: np.ndarray, prompt: Prompt, embedd
     where `whole_object` picks one.
     """
     if prompt.is_ambiguous:
-        index = 1 + whole_object(low_res[1:], iou[1:], embedding.input_size)
+        index = 1 + whole_object(low_res[1:], iou[1:], embedding.input_size, enclosed=prompt.enclosed)
     else:
         index = 0
     logits = low_res[index]
@@ -109,7 +109,7 @@ WHOLE_OBJECT_MARGIN = 0.03
 
 
 def whole_object(logits: np.ndarray, iou: np.ndarray, in_size: tuple[int, int],
-                 margin: float = WHOLE_OBJECT_MARGIN) -> int:
+                 margin: float = WHOLE_OBJECT_MARGIN, enclosed: bool = False) -> int:
     """Which of SAM's multimask outputs answers an ambiguous prompt. logits: (3, 256, 256); iou: (3,) predicted
     IoUs; in_size: (h, w) of the image in the 1024-frame.
 
@@ -122,9 +122,18 @@ def whole_object(logits: np.ndarray, iou: np.ndarray, in_size: tuple[int, int],
     the object; a negative click on the rest takes it back to the part.
     """
     rows, cols = low_res_extent(in_size)
-    best = float(np.max(iou))
-    near = [i for i in range(len(iou)) if iou[i] >= best - margin]
+    candidates = list(range(len(iou)))
+    if enclosed:
+        candidates = [i for i in candidates if _edges_touched(logits[i, :rows, :cols] > MASK_THRESHOLD) < 3] \
+            or candidates
+    best = max(float(iou[i]) for i in candidates)
+    near = [i for i in candidates if iou[i] >= best - margin]
     return max(near, key=lambda i: (int(np.count_nonzero(logits[i, :rows, :cols] > 0)), float(iou[i])))
+
+
+def _edges_touched(mask: np.ndarray) -> int:
+    """How many of a (h, w) bool mask's four edges it reaches."""
+    return int(mask[0].any()) + int(mask[-1].any()) + int(mask[:, 0].any()) + int(mask[:, -1].any())
 
 
 #: images of more pixels than this get their mask in strips of rows: a 100 Mpx image would otherwise need a

@@ -95,6 +95,15 @@ class Prompt:
     multimask: bool | None = None
     #: the box was drawn just now, after the clicks: `refinement.decode` may answer with the box alone
     new_box: bool = False
+    #: (x0, y0, x1, y1) in the image's pixels: decode in this crop of the image (`zoom`), mask_input being the
+    #: crop's; None: the whole image
+    view: tuple[int, int, int, int] | None = None
+    #: the embedding is a crop made around the object (`zoom.into`): `transforms.whole_object` leaves out masks
+    #: that fill it
+    enclosed: bool = False
+    #: (1, 256, 256) logits of the object's last mask in this view when they are not SAM's input (an ambiguous
+    #: prompt, `is_ambiguous`): `refinement.decode` catches an answer that jumps away from it
+    previous: np.ndarray | None = None
 
     @property
     def is_ambiguous(self) -> bool:

@@ -129,3 +129,26 @@ def test_different_keys_are_computed_one_at_a_time():
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(lambda i: two.get_or_compute(i, lambda: slow(float(i))), range(6)))
     assert most[0] == 2
+
+
+def test_idle_only_while_nothing_is_computed_or_waits_to_be_prewarmed():
+    """`idle` gates zoom-in's speculative crop embedding (model.py): none while another embedding runs."""
+    cache = EmbeddingCache(max_items=4)
+    release, started = threading.Event(), threading.Event()
+
+    def slow() -> Embedding:
+        started.set()
+        release.wait(10)
+        return fake_embedding(1.0)
+
+    try:
+        assert cache.idle
+        worker = threading.Thread(target=cache.get_or_compute, args=("a", slow))
+        worker.start()
+        assert started.wait(10) and not cache.idle
+        release.set()
+        worker.join(10)
+        assert cache.idle and cache.get("a") is not None
+    finally:
+        release.set()
+        cache.close()

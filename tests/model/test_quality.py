@@ -107,3 +107,38 @@ def test_a_box_after_clicks_is_no_worse_than_the_box_alone_through_the_server(to
         backend.close()
     assert run.box_alone >= 0.9 and len(run.box_after) >= 3, (run.box_alone, run.box_after)
     assert all(value >= run.box_alone - 0.05 for value in run.box_after.values()), (run.box_alone, run.box_after)
+
+
+@pytest.mark.parametrize("name", ["124084", "37073"])
+def test_the_first_click_is_no_worse_than_sams_single_output_through_the_server(torch_predictor, name):
+    """Issue #17's "the lone first click is worse than SAM's single-mask output": the server's first click (the
+    whole object among SAM's three masks, `transforms.whole_object`) against SAM's single output for the same
+    click straight from the predictor. On these two objects the single output is a part of the object (0.07 and
+    0.40 on ONNX), the server's answer the object."""
+    item = quality.folder_items(quality.GRABCUT20, 128, [name])[0]
+    backend = quality.Backend(torch_predictor)
+    try:
+        run = quality.simulate(quality.server_decoder(backend, item, 5), item, max_clicks=1, boxes=False)
+    finally:
+        backend.close()
+    single = quality.single_output_first(torch_predictor, item)
+    assert single < 0.85, f"SAM's single output is already good on {name} ({single:.3f}): the test says nothing"
+    assert run.ious[0] >= 0.9 and run.ious[0] >= single - quality.DROP, (run.ious, single)
+
+
+@pytest.mark.parametrize("name, after, least", [("106024", 4, 0.935), ("304074", 3, 0.9)])
+def test_clicks_on_a_small_object_are_decoded_zoomed_in_through_the_server(torch_predictor, name, after, least):
+    """Issue #17's zoom-in: GrabCut objects at a third of their size, one tile of a 3x3 mosaic of GrabCut photos
+    (1443 x 963). Decoded in the whole image (ZOOM_IN=false, ONNX) 106024 stays at 0.91 from its second click on
+    (the encoder sees too little of its boundary) and 304074 has 0.74 and 0.84 after its third and fourth; with
+    the clicks after the first decoded in a crop around the object, embedded on its own (`sam.zoom`), 0.96 and
+    0.95 / 0.97. From click `after` on every mask is >= `least`, and no click lowers the IoU by more than 0.05."""
+    item = next(i for i in quality.mosaic_items(quality.folder_items(quality.GRABCUT20, 128)) if i.name == name)
+    backend = quality.Backend(torch_predictor)
+    try:
+        run = quality.simulate(quality.server_decoder(backend, item, 6), item, max_clicks=4, boxes=False)
+        embedded = backend.model.cache.computed
+    finally:
+        backend.close()
+    assert embedded >= 2, "the image and at least one crop around the object"
+    assert run.drops() == 0 and min(run.ious[after - 1:]) >= least, run.ious

@@ -22,6 +22,8 @@ from model import SamModel
 from sam_backend.encoding import rle
 from sam_backend.errors import ClientError, ConfigError, ContextError, ImageError, RequestError
 from sam_backend.images import LabelStudioAccess
+from sam_backend.sam import transforms
+from sam_backend.sam.types import Prompt
 from sam_backend.settings import Settings
 from tools.harness import recordings
 from tools.harness.fake_predictor import FakePredictor
@@ -414,3 +416,63 @@ def test_at_most_max_concurrent_decodes_clicks_decode_at_once(make):
         answers = list(pool.map(model.predict, bodies))
     assert most[0] == 2
     assert all(len(only_result(answer)) == 1 for answer in answers)
+
+
+# ---- zoom-in ----------------------------------------------------------------------------------------------------
+class MaskLogitsPredictor(FakePredictor):
+    """A FakePredictor whose low-resolution logits show its mask (the decode's serial number on the cells whose
+    centre the mask holds, -1 elsewhere), so that zoom-in (sam.zoom) sees where the object is."""
+
+    def decode(self, embedding, prompt):
+        prediction = super().decode(embedding, prompt)
+        (height, width), (rows, cols) = embedding.original_size, transforms.low_res_extent(embedding.input_size)
+        ys = ((np.arange(rows) + 0.5) * height / rows).astype(int)
+        xs = ((np.arange(cols) + 0.5) * width / cols).astype(int)
+        logits = np.full_like(prediction.low_res_logits, -1.0)
+        logits[0, :rows, :cols][prediction.mask[ys][:, xs]] = prediction.low_res_logits.max()
+        return replace(prediction, low_res_logits=logits)
+
+
+BIG = (963, 1443)  # (H, W)
+BIG_URL = "/data/upload/3/big.png"
+
+
+def big_image_call(*percent: tuple[float, float]) -> dict:
+    """alias_positive_keypoint on a 1443 x 963 image, with a positive click at each (x %, y %)."""
+    body = recorded("alias_positive_keypoint")
+    body["tasks"][0]["data"]["image"] = BIG_URL
+    (click,) = body["params"]["context"]["result"]
+    body["params"]["context"]["result"] = []
+    for index, (x, y) in enumerate(percent):
+        region = copy.deepcopy(click)
+        region.update(id=f"click-{index}", original_width=BIG[1], original_height=BIG[0])
+        region["value"].update(x=x, y=y)
+        body["params"]["context"]["result"].append(region)
+    return body
+
+
+@pytest.mark.parametrize("zoom_in", [True, False])
+def test_later_clicks_on_a_small_object_are_decoded_in_a_crop_around_it(zoom_in):
+    """The first click's mask is a disk of 10 pixels in a 1443 x 963 image: the second click is decoded in a crop
+    around it, embedded on its own (ZOOM_IN, on by default), and its mask comes back in the image's pixels."""
+    predictor = MaskLogitsPredictor()
+    images = StubImages({BIG_URL: png(*BIG)})
+    model = SamModel(predictor, replace(Settings(), zoom_in=zoom_in), images=images)
+    try:
+        model.predict(big_image_call((40, 45)))
+        (region,) = only_result(model.predict(big_image_call((40, 45), (41, 45.5))))
+    finally:
+        model.cache.close()
+    full = Prompt(points=np.array([[0.40 * BIG[1], 0.45 * BIG[0]], [0.41 * BIG[1], 0.455 * BIG[0]]], np.float32),
+                  labels=np.array([1, 1], np.int32))
+    second = predictor.prompts[1]
+    assert np.array_equal(brush_mask(region), predictor.mask(full, BIG))  # the disks, where they are in the image
+    if not zoom_in:
+        assert predictor.images == [BIG] and np.allclose(second.points, full.points)
+        return
+    assert len(predictor.images) == 2 and predictor.images[0] == BIG
+    crop_h, crop_w = predictor.images[1]
+    assert max(BIG) >= 1.5 * max(crop_h, crop_w)  # the encoder sees the object at least 1.5x larger
+    offset = full.points[0] - second.points[0]
+    assert np.allclose(full.points - offset, second.points) and (offset > 0).all()
+    assert (second.points >= 0).all() and (second.points < [crop_w, crop_h]).all()

@@ -13,6 +13,7 @@ from sam_backend.labelstudio.context import Region
 from sam_backend.labelstudio.label_config import Target
 from sam_backend.labelstudio.memory import PromptMemory
 from sam_backend.settings import Settings
+from tests.unit.test_zoom import logits_of
 from tools.harness import recordings
 
 CALLS = recordings.document()["calls"]
@@ -239,3 +240,43 @@ def test_the_previous_mask_is_fed_back_only_when_clicks_are_added():
 def test_max_points_comes_from_the_settings():
     with pytest.raises(ContextError, match="MAX_POINTS"):
         assemble(recorded("keypoints_positive_and_negative"), settings=Settings(max_points=1))
+
+
+def test_clicks_on_a_small_object_get_a_crop_and_its_mask_follows_into_the_next_view():
+    """ZOOM_IN: the second click on an object whose first mask is small gets a crop around it as its view; the
+    crop's mask refines the third click in the same crop; a click far outside it goes back to the whole image,
+    with the crop's mask carried into the image's frame."""
+    size = (1926, 2886)
+    memory = PromptMemory()
+
+    def clicks(*percent):
+        body = recorded("keypoints_positive_and_negative")
+        first = body["params"]["context"]["result"][0]
+        body["params"]["context"]["result"] = []
+        for index, (x, y) in enumerate(percent):
+            region = copy.deepcopy(first)
+            region.update(id=f"click-{index}")
+            region["value"].update(x=x, y=y)
+            body["params"]["context"]["result"].append(region)
+        return body
+
+    key = (clicks()["project"], 2, clicks()["tasks"][0]["data"]["image"])
+    ((target, first),) = assemble(clicks((40, 45)), memory, size=size)
+    assert first.view is None  # nothing known of the object yet
+    x, y = first.points[0]
+    memory.remember_mask(key, target, first, logits_of((x - 40, y - 40, x + 40, y + 40), None, size))
+    ((_, second),) = assemble(clicks((40, 45), (41, 46)), memory, size=size)
+    view = second.view
+    assert view is not None and view[0] < x < view[2] and view[1] < y < view[3]
+    assert max(size) >= 1.5 * max(view[2] - view[0], view[3] - view[1]) and second.mask_input is None
+    crop_logits = logits_of((x - 45, y - 45, x + 45, y + 45), view, size)
+    memory.remember_mask(key, target, second, crop_logits)
+    ((_, third),) = assemble(clicks((40, 45), (41, 46), (40.5, 44.5)), memory, size=size)
+    assert third.view == view and third.mask_input is crop_logits
+    # a click far outside the crop: the whole image, the crop's mask carried into it (zoom.project)
+    ((_, far),) = assemble(clicks((40, 45), (41, 46), (90, 10)), memory, size=size)
+    assert far.view is None
+    expected = logits_of((x - 45, y - 45, x + 45, y + 45), None, size) > 0
+    assert (far.mask_input > 0).sum() > 0 and ((far.mask_input > 0) != expected).sum() <= 0.3 * expected.sum()
+    ((_, off),) = assemble(clicks((40, 45), (41, 46), (40.5, 44.5)), memory, Settings(zoom_in=False), size=size)
+    assert off.view is None and np.array_equal(off.mask_input, far.mask_input)

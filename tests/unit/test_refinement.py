@@ -177,3 +177,54 @@ def test_the_image_border_is_no_edge_of_the_mask():
     predictor = Scripted(refined=answer, fresh=answer)
     result = refinement.decode(predictor, EMBEDDING, click)
     assert not (result.low_res_logits[0, 200:256] > 0).any(), "the whole strip stays removed"
+
+
+class ByOutput:
+    """Answers SAM's three-mask choice (multimask not False) with `whole`, its single output with `single`."""
+
+    model_version = "by-output"
+
+    def __init__(self, whole: np.ndarray, single: np.ndarray) -> None:
+        self.whole, self.single = whole, single
+        self.prompts: list[Prompt] = []
+
+    def embed(self, image, original_size=None):
+        raise AssertionError("not used")
+
+    def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
+        self.prompts.append(prompt)
+        logits = self.single if prompt.multimask is False else self.whole
+        return Prediction(mask=logits[0] > 0, score=0.9, low_res_logits=logits)
+
+
+TWO_CLICKS = Prompt(points=np.array([[100, 100], [150, 150]], np.float32), labels=np.array([1, 1], np.int32),
+                    previous=PREVIOUS)
+
+
+def test_two_clicks_that_jump_from_the_previous_mask_take_the_single_output_when_it_stays_closer():
+    """Two clicks are ambiguous (the whole object of SAM's three masks, no mask_input); the object's last mask
+    (`Prompt.previous`) only catches a jump: GrabCut 37073 in a mosaic, zoomed in, went 0.95 -> 0.21 (a mask four
+    times the object) where SAM's single output kept 0.98."""
+    predictor = ByOutput(whole=logits_of(0, 0, side=250), single=logits_of(66, 66))
+    answer = refinement.decode(predictor, EMBEDDING, TWO_CLICKS)
+    assert np.array_equal(answer.low_res_logits, predictor.single) and len(predictor.prompts) == 2
+    assert predictor.prompts[0].is_ambiguous and predictor.prompts[1].multimask is False
+
+
+def test_two_clicks_close_to_the_previous_mask_or_without_one_decode_once():
+    predictor = ByOutput(whole=logits_of(60, 60, side=136), single=logits_of(0, 0, side=16))
+    assert np.array_equal(refinement.decode(predictor, EMBEDDING, TWO_CLICKS).low_res_logits, predictor.whole)
+    predictor = ByOutput(whole=logits_of(0, 0, side=250), single=logits_of(66, 66))
+    alone = Prompt(points=TWO_CLICKS.points, labels=TWO_CLICKS.labels)
+    assert np.array_equal(refinement.decode(predictor, EMBEDDING, alone).low_res_logits, predictor.whole)
+    assert len(predictor.prompts) == 1
+
+
+def test_the_single_output_is_not_taken_when_it_ignores_the_newest_click():
+    """A negative second click on the first mask: SAM's single output that keeps the mask (and the click in it) is
+    closer to the previous mask, but it ignores what the user just said."""
+    negative = Prompt(points=np.array([[100, 100], [128, 128]], np.float32), labels=np.array([1, 0], np.int32),
+                      previous=PREVIOUS)
+    predictor = ByOutput(whole=logits_of(0, 0, side=100), single=logits_of(64, 64))  # the single output: PREVIOUS
+    answer = refinement.decode(predictor, EMBEDDING, negative)
+    assert np.array_equal(answer.low_res_logits, predictor.whole) and len(predictor.prompts) == 2

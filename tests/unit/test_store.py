@@ -7,6 +7,7 @@ import multiprocessing
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -325,3 +326,21 @@ def test_setup_access_reaches_other_workers_only_sealed_and_only_with_the_secret
         assert not any(TOKEN.encode() in p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
     finally:
         label_studio.close()
+
+
+def test_the_view_of_a_mask_is_shared_and_refines_only_in_that_view(tmp_path):
+    """A mask decoded in a crop (sam.zoom) is remembered with its crop by every kind of memory: its logits refine
+    the next click only in that crop, and `last_mask` gives both to choose the next click's crop from."""
+    first, second = (SharedPromptMemory(GuardedStore(DiskStore(tmp_path))) for _ in range(2))
+    single = PromptMemory()
+    key, target, view = ("7", 3, "/data/upload/1/a.jpg"), ("tag", "Cat"), (100, 50, 420, 290)
+    for memory in (first, single):
+        memory.remember_mask(key, target, replace(prompt((150, 60, 1), (160, 70, 1)), view=view), logits(4))
+    added = prompt((150, 60, 1), (160, 70, 1), (200, 90, 0))
+    for memory in (second, single):
+        found, seen_in = memory.last_mask(key, target, added)
+        assert float(found.max()) == 4.0 and seen_in == view
+        assert memory.previous_mask(key, target, replace(added, view=view)) is not None
+        assert memory.previous_mask(key, target, added) is None  # the whole image: not the crop's logits
+        assert memory.previous_mask(key, target, replace(added, view=(0, 0, 320, 240))) is None
+        assert memory.last_mask(key, target, prompt((150, 60, 1))) is None  # not an extension

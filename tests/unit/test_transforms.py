@@ -53,3 +53,19 @@ def test_whole_object_takes_the_largest_mask_sam_rates_about_as_good():
     assert transforms.whole_object(logits, np.array([0.99, 0.93, 0.80]), wide, margin=0.1) == 1
     logits[2, :64, :] = -5  # now empty over the image: the padding does not count
     assert transforms.whole_object(logits, np.array([0.9, 0.9, 0.9]), wide) == 1
+
+
+def test_in_a_crop_around_the_object_a_mask_that_fills_the_crop_is_not_taken():
+    logits = np.full((3, 256, 256), -5.0, np.float32)
+    logits[0, 60:90, 60:90] = 5  # a part of the object
+    logits[1, 50:120, 40:130] = 5  # the object, in the middle of the crop
+    logits[2, 0:256, 0:200] = 5  # the whole photo around it: three edges of the (square) crop's frame
+    square = (1024, 1024)
+    scores = np.array([0.95, 0.97, 0.975])
+    assert transforms.whole_object(logits, scores, square) == 2  # the whole image: the largest is fine
+    assert transforms.whole_object(logits, scores, square, enclosed=True) == 1
+    logits[1, 0:256, 0:20] = 5  # every mask but the part reaches three edges: the part
+    logits[1, 0:20, 0:256] = 5
+    assert transforms.whole_object(logits, scores, square, enclosed=True) == 0
+    logits[0, 0:256, 250:256], logits[0, 0, :] = 5, 5  # all of them do: chosen as without the rule
+    assert transforms.whole_object(logits, scores, square, enclosed=True) == 2
