@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Mapping
 
 from sam_backend.cache import EmbeddingCache, RecentImages
@@ -60,6 +60,8 @@ class SamModel:
         """`store`: the state store (default: the one settings.state_store_spec names, opened here)."""
         self.predictor = predictor
         self.settings = settings
+        # zoom-in (sam.zoom) works in SAM's padded low-resolution frame; SAM 2's stretches the image over it
+        self._zoom_in = settings.zoom_in and not getattr(predictor, "stretches_frame", False)
         self.store = GuardedStore(store if store is not None
                                   else open_store(settings.state_store_spec, settings.state_store_max_bytes))
         shared = self.store if self.store.shared else None
@@ -205,7 +207,8 @@ class SamModel:
         task_key = (project, task.get("id"), url)
         size = embedding.original_size
         found = []
-        for target, prompt in prompting.assemble(regions, task, config, self.memory, task_key, size, self.settings):
+        settings = self.settings if self._zoom_in == self.settings.zoom_in else replace(self.settings, zoom_in=False)
+        for target, prompt in prompting.assemble(regions, task, config, self.memory, task_key, size, settings):
             # a crop around a small object (sam.zoom) has an embedding of its own, got before a decode slot
             seen = embedding if prompt.view is None else self._embedding(url, task, fallback, where, prompt.view)
             with self._clicks:
@@ -218,7 +221,7 @@ class SamModel:
                 # else is (many objects get one click only; later moves of a crop depend on where the click
                 # lands, and are embedded when it comes)
                 upcoming = zoom.choose(None, prediction.low_res_logits, prompt, size) \
-                    if self.settings.zoom_in and prompt.box is None and prompt.view is None else None
+                    if self._zoom_in and prompt.box is None and prompt.view is None else None
                 del prediction, mask  # the full-size mask, before the next click may start
             if upcoming is not None and self.cache.idle:
                 self.cache.prewarm((url, upcoming), lambda view=upcoming: self._embedding(

@@ -51,6 +51,10 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
 class OnnxSam2Predictor:
     """SAM 2.1's exported encoder and decoder behind the `Predictor` interface."""
 
+    #: its (256, 256) low-resolution masks stretch the whole image over the frame, where SAM pads it: zoom-in's
+    #: geometry (`sam.zoom`) is SAM's, so `SamModel` does not zoom with it
+    stretches_frame = True
+
     def __init__(self, encoder: ort.InferenceSession, decoder: ort.InferenceSession, model_version: str) -> None:
         self.encoder = encoder
         self.decoder = decoder

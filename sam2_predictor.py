@@ -68,6 +68,10 @@ def build_sam2(size: str, checkpoint: Path | None, device: torch.device) -> torc
 class Sam2Predictor:
     """A SAM 2.1 image model on torch behind the `Predictor` interface. Thread-safe (no per-image state)."""
 
+    #: its (256, 256) low-resolution masks stretch the whole image over the frame, where SAM pads it: zoom-in's
+    #: geometry (`sam.zoom`) is SAM's, so `SamModel` does not zoom with it
+    stretches_frame = True
+
     def __init__(self, model: torch.nn.Module, model_version: str, device: torch.device) -> None:
         from sam2.utils.transforms import SAM2Transforms
 

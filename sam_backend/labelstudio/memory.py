@@ -119,8 +119,8 @@ class SharedPromptMemory:
     """`PromptMemory`'s interface, kept in a state store that every worker shares (STATE_STORE disk or redis).
 
     Per task one record of its groups' regions (namespace `prompt-groups`) and per (task, class) one record of
-    the last mask's prompt and (1, 256, 256) float32 logits (`prompt-masks`), both expiring `ttl` seconds after
-    they were last written. Each record is also kept in this process (`local`, bounded like PromptMemory) and
+    the last mask's prompt and (1, 256, 256) float32 logits (`prompt-masks-2`, with the crop it was decoded in, if
+    any), both expiring `ttl` seconds after they were last written. Each record is also kept in this process (`local`, bounded like PromptMemory) and
     stamped with its write time: when the shared store is degraded the worker answers from what it saw itself,
     and when it comes back the newer of the two copies wins. The store's own bound (bytes, LRU) replaces
     PROMPT_MEMORY_SIZE's count for the shared copy. Two calls on one task at once (one annotator sends them one
@@ -196,7 +196,9 @@ class SharedPromptMemory:
 
 
 GROUPS = "prompt-groups"
-MASKS = "prompt-masks"
+#: "-2": since a mask may be a crop's (zoom-in), records carry a view; a worker of an older version sharing the store
+#: would read them as whole-image masks, so they live apart
+MASKS = "prompt-masks-2"
 
 
 def _store_key(task_key: Hashable, target: tuple[str, str] | None = None) -> str:

@@ -39,6 +39,9 @@ MIN_GAIN = 1.5
 MIN_SIDE = IMAGE_SIZE // 4
 #: the crop is kept while the mask's box, grown by this factor about its centre, and the clicks lie inside it
 KEEP_MARGIN = 1.05
+#: images of more pixels are decoded as a reduced copy (`images.decode.REDUCE_ABOVE_PIXELS`, the same value,
+#: tested): a crop of that copy would have too few pixels for the encoder, so they are not zoomed
+MAX_PIXELS = 16_000_000
 
 
 def whole(image_size: tuple[int, int]) -> View:
@@ -94,6 +97,10 @@ def choose(previous: View | None, logits: np.ndarray, prompt: Prompt, image_size
     MIN_SIDE a side and clipped to the image, when its longest side is at most the image's over `min_gain`; None
     (the whole image) otherwise.
     """
+    if previous is not None and not _contains(whole(image_size), np.asarray(previous, dtype=np.float64)):
+        return None  # a view of another image (replaced in place by a smaller one): the whole image
+    if image_size[0] * image_size[1] > MAX_PIXELS:
+        return None
     box = mask_box(logits, previous, image_size)
     points = np.asarray(prompt.points, dtype=np.float64).reshape(-1, 2)
     if box is None or not len(points):
@@ -118,8 +125,8 @@ def choose(previous: View | None, logits: np.ndarray, prompt: Prompt, image_size
 
 
 def into(prompt: Prompt, view: View | None) -> Prompt:
-    """`prompt` in the pixels of the crop `view`, as a prompt on the crop's own embedding (view None); itself
-    for None. Its mask_input is already the view's (`memory.previous_mask`)."""
+    """`prompt` in the pixels of the crop `view`, as a prompt on the crop's own embedding (view None, enclosed);
+    itself for None. Its mask_input and previous are already the view's (`project`)."""
     if view is None:
         return prompt
     offset = np.array(view[:2], dtype=np.float32)

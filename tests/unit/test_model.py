@@ -476,3 +476,17 @@ def test_later_clicks_on_a_small_object_are_decoded_in_a_crop_around_it(zoom_in)
     offset = full.points[0] - second.points[0]
     assert np.allclose(full.points - offset, second.points) and (offset > 0).all()
     assert (second.points >= 0).all() and (second.points < [crop_w, crop_h]).all()
+
+
+def test_a_predictor_whose_frame_is_stretched_is_not_zoomed():
+    """SAM 2's low-resolution masks stretch the image over the 256x256 frame (`stretches_frame`), where zoom-in's
+    geometry is SAM's padded frame: such a predictor decodes every click in the whole image."""
+    predictor = MaskLogitsPredictor()
+    predictor.stretches_frame = True
+    model = SamModel(predictor, Settings(), images=StubImages({BIG_URL: png(*BIG)}))
+    try:
+        model.predict(big_image_call((40, 45)))
+        model.predict(big_image_call((40, 45), (41, 45.5)))
+    finally:
+        model.cache.close()
+    assert predictor.images == [BIG] and predictor.prompts[1].view is None

@@ -223,7 +223,7 @@ def test_a_corrupt_prompt_record_is_dropped_not_used(tmp_path):
     other = SharedPromptMemory(store)  # a worker that has no copy of its own
     db = sqlite3.connect(tmp_path / "state.sqlite3")
     with db:
-        db.execute("UPDATE entries SET value = substr(value, 1, 1000) WHERE namespace = 'prompt-masks'")
+        db.execute("UPDATE entries SET value = substr(value, 1, 1000) WHERE namespace = 'prompt-masks-2'")
     assert other.previous_mask(key, target, prompt((1, 2, 1), (3, 4, 1))) is None
     assert memory.previous_mask(key, target, prompt((1, 2, 1), (3, 4, 1))) is not None  # its own copy
 

@@ -105,3 +105,14 @@ def test_a_crop_at_the_image_border_stays_while_the_mask_reaches_that_border():
     first = zoom.choose(None, logits_of((0, 400, 120, 520), None), clicks((40, 460)), SIZE)
     assert first is not None and first[0] == 0
     assert zoom.choose(first, logits_of((0, 395, 125, 525), first), clicks((40, 460), (10, 500)), SIZE) == first
+
+
+def test_images_decoded_reduced_and_views_of_another_image_are_not_zoomed():
+    from sam_backend.images.decode import REDUCE_ABOVE_PIXELS
+
+    assert zoom.MAX_PIXELS == REDUCE_ABOVE_PIXELS  # above it a crop would come from a 2048-pixel copy
+    huge = (4000, 6000)
+    assert zoom.choose(None, logits_of((2000, 1500, 2300, 1800), None, huge), clicks((2100, 1600)), huge) is None
+    # a remembered crop that does not fit the image any more (the URL now holds a smaller one): the whole image
+    assert zoom.choose((900, 600, 1300, 900), logits_of((1000, 650, 1100, 750), (900, 600, 1300, 900)),
+                       clicks((1050, 700)), (700, 1000)) is None
