@@ -120,11 +120,11 @@ class SharedPromptMemory:
 
     Per task one record of its groups' regions (namespace `prompt-groups`) and per (task, class) one record of
     the last mask's prompt and (1, 256, 256) float32 logits (`prompt-masks-2`, with the crop it was decoded in, if
-    any), both expiring `ttl` seconds after they were last written. Each record is also kept in this process (`local`, bounded like PromptMemory) and
-    stamped with its write time: when the shared store is degraded the worker answers from what it saw itself,
-    and when it comes back the newer of the two copies wins. The store's own bound (bytes, LRU) replaces
-    PROMPT_MEMORY_SIZE's count for the shared copy. Two calls on one task at once (one annotator sends them one
-    after another) are not serialized across workers: the later write wins.
+    any), both expiring `ttl` seconds after they were last written. Each record is also kept in this process
+    (`local`, bounded like PromptMemory) and stamped with its write time: when the shared store is degraded the
+    worker answers from what it saw itself, and when it comes back the newer of the two copies wins. The store's
+    own bound (bytes, LRU) replaces PROMPT_MEMORY_SIZE's count for the shared copy. Two calls on one task at once
+    (one annotator sends them one after another) are not serialized across workers: the later write wins.
     """
 
     def __init__(self, store: StateStore, max_tasks: int = 1024, ttl: float = 3600.0) -> None:
