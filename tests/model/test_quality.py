@@ -48,15 +48,22 @@ def test_run_numbers():
     assert run.drops() == 1 and run.iou_at(1) == 0.5 and run.iou_at(9) == 0.95
 
 
+def through_server(predictor, item: quality.Item, max_clicks: int, boxes: bool = True) -> tuple[quality.Run, int]:
+    """`quality.simulate` of `item` through a fresh backend around `predictor`, Label Studio's bodies over HTTP:
+    (the run, the embeddings the backend computed)."""
+    backend = quality.Backend(predictor)
+    try:
+        return quality.simulate(quality.server_decoder(backend, item, 1), item, max_clicks, boxes), \
+            backend.model.cache.computed
+    finally:
+        backend.close()
+
+
 def test_grabcut_object_through_the_server(torch_predictor):
     """Label Studio's bodies over HTTP: the first click finds the object, every click is resent, the box works."""
     item = quality.folder_items(quality.GRABCUT20, 128, ["86016"])[0]
     assert item.ignore.any() or item.truth.any()
-    backend = quality.Backend(torch_predictor)
-    try:
-        run = quality.simulate(quality.server_decoder(backend, item, 1), item, max_clicks=3)
-    finally:
-        backend.close()
+    run, _ = through_server(torch_predictor, item, max_clicks=3)
     assert len(run.ious) == 3 and len(run.clicks) == 3 and run.clicks[0].positive
     assert run.ious[0] >= 0.9 and run.box_alone >= 0.9 and max(run.box_after.values()) >= 0.9, (run.ious, run.box_after)
 
@@ -67,11 +74,7 @@ def test_the_second_click_keeps_a_good_mask_through_the_server(torch_predictor):
     masks of both clicks) and refinement guards against jumps: none of the first five clicks lowers the IoU by
     more than 0.05 (the no-regression rule of the issue), and each mask stays the object's."""
     item = quality.folder_items(quality.GRABCUT20, 128, ["37073"])[0]
-    backend = quality.Backend(torch_predictor)
-    try:
-        run = quality.simulate(quality.server_decoder(backend, item, 2), item, max_clicks=5, boxes=False)
-    finally:
-        backend.close()
+    run, _ = through_server(torch_predictor, item, max_clicks=5, boxes=False)
     assert run.ious[0] >= 0.9, run.ious
     assert run.drops() == 0 and min(run.ious) >= 0.9, run.ious
 
@@ -84,11 +87,7 @@ def test_later_negative_clicks_keep_a_good_mask_through_the_server(torch_predict
     and a negative click removes only what lies near it (`refinement.bound_removal`): none of the first six
     clicks lowers the IoU by more than 0.05, and the masks stay the object's."""
     item = quality.folder_items(quality.GRABCUT20, 128, [name])[0]
-    backend = quality.Backend(torch_predictor)
-    try:
-        run = quality.simulate(quality.server_decoder(backend, item, 4), item, max_clicks=6, boxes=False)
-    finally:
-        backend.close()
+    run, _ = through_server(torch_predictor, item, max_clicks=6, boxes=False)
     assert not all(c.positive for c in run.clicks[1:]), "the rule under test is a negative click's"
     assert run.drops() == 0 and min(run.ious) >= 0.85, run.ious
 
@@ -100,11 +99,7 @@ def test_a_box_after_clicks_is_no_worse_than_the_box_alone_through_the_server(to
     the better (SAM's predicted IoU) of the box with the clicks and the box alone: after 1, 2, 3 and all 5
     clicks it loses at most 0.05 to the box alone."""
     item = quality.folder_items(quality.GRABCUT20, 128, [name])[0]
-    backend = quality.Backend(torch_predictor)
-    try:
-        run = quality.simulate(quality.server_decoder(backend, item, 3), item, max_clicks=5)
-    finally:
-        backend.close()
+    run, _ = through_server(torch_predictor, item, max_clicks=5)
     assert run.box_alone >= 0.9 and len(run.box_after) >= 3, (run.box_alone, run.box_after)
     assert all(value >= run.box_alone - 0.05 for value in run.box_after.values()), (run.box_alone, run.box_after)
 
@@ -116,11 +111,7 @@ def test_the_first_click_is_no_worse_than_sams_single_output_through_the_server(
     click straight from the predictor. On these two objects the single output is a part of the object (0.07 and
     0.40 on ONNX), the server's answer the object."""
     item = quality.folder_items(quality.GRABCUT20, 128, [name])[0]
-    backend = quality.Backend(torch_predictor)
-    try:
-        run = quality.simulate(quality.server_decoder(backend, item, 5), item, max_clicks=1, boxes=False)
-    finally:
-        backend.close()
+    run, _ = through_server(torch_predictor, item, max_clicks=1, boxes=False)
     single = quality.single_output_first(torch_predictor, item)
     assert single < 0.85, f"SAM's single output is already good on {name} ({single:.3f}): the test says nothing"
     assert run.ious[0] >= 0.9 and run.ious[0] >= single - quality.DROP, (run.ious, single)
@@ -134,11 +125,6 @@ def test_clicks_on_a_small_object_are_decoded_zoomed_in_through_the_server(torch
     the clicks after the first decoded in a crop around the object, embedded on its own (`sam.zoom`), 0.96 and
     0.95 / 0.97. From click `after` on every mask is >= `least`, and no click lowers the IoU by more than 0.05."""
     item = next(i for i in quality.mosaic_items(quality.folder_items(quality.GRABCUT20, 128)) if i.name == name)
-    backend = quality.Backend(torch_predictor)
-    try:
-        run = quality.simulate(quality.server_decoder(backend, item, 6), item, max_clicks=4, boxes=False)
-        embedded = backend.model.cache.computed
-    finally:
-        backend.close()
+    run, embedded = through_server(torch_predictor, item, max_clicks=4, boxes=False)
     assert embedded >= 2, "the image and at least one crop around the object"
     assert run.drops() == 0 and min(run.ious[after - 1:]) >= least, run.ious

@@ -18,12 +18,14 @@ def logits_of(top: int, left: int, side: int = 128) -> np.ndarray:
 
 
 class Scripted:
-    """Answers a prompt with the previous mask (`mask_input`) by `refined`, a fresh multimask one by `fresh`."""
+    """Answers a prompt with the previous mask (`mask_input`) by `refined`, one asking for SAM's single output
+    (multimask False) by `single` when given, any other (a fresh three-mask answer) by `fresh`."""
 
     model_version = "scripted"
 
-    def __init__(self, refined: np.ndarray, fresh: np.ndarray) -> None:
-        self.refined, self.fresh = refined, fresh
+    def __init__(self, refined: np.ndarray | None = None, fresh: np.ndarray | None = None,
+                 single: np.ndarray | None = None) -> None:
+        self.refined, self.fresh, self.single = refined, fresh, single
         self.prompts: list[Prompt] = []
 
     def embed(self, image, original_size=None):
@@ -31,7 +33,10 @@ class Scripted:
 
     def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
         self.prompts.append(prompt)
-        logits = self.refined if prompt.mask_input is not None else self.fresh
+        if prompt.mask_input is not None:
+            logits = self.refined
+        else:
+            logits = self.single if prompt.multimask is False and self.single is not None else self.fresh
         return Prediction(mask=logits[0] > 0, score=0.9, low_res_logits=logits)
 
 
@@ -179,24 +184,6 @@ def test_the_image_border_is_no_edge_of_the_mask():
     assert not (result.low_res_logits[0, 200:256] > 0).any(), "the whole strip stays removed"
 
 
-class ByOutput:
-    """Answers SAM's three-mask choice (multimask not False) with `whole`, its single output with `single`."""
-
-    model_version = "by-output"
-
-    def __init__(self, whole: np.ndarray, single: np.ndarray) -> None:
-        self.whole, self.single = whole, single
-        self.prompts: list[Prompt] = []
-
-    def embed(self, image, original_size=None):
-        raise AssertionError("not used")
-
-    def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
-        self.prompts.append(prompt)
-        logits = self.single if prompt.multimask is False else self.whole
-        return Prediction(mask=logits[0] > 0, score=0.9, low_res_logits=logits)
-
-
 TWO_CLICKS = Prompt(points=np.array([[100, 100], [150, 150]], np.float32), labels=np.array([1, 1], np.int32),
                     previous=PREVIOUS)
 
@@ -205,18 +192,18 @@ def test_two_clicks_that_jump_from_the_previous_mask_take_the_single_output_when
     """Two clicks are ambiguous (the whole object of SAM's three masks, no mask_input); the object's last mask
     (`Prompt.previous`) only catches a jump: GrabCut 37073 in a mosaic, zoomed in, went 0.95 -> 0.21 (a mask four
     times the object) where SAM's single output kept 0.98."""
-    predictor = ByOutput(whole=logits_of(0, 0, side=250), single=logits_of(66, 66))
+    predictor = Scripted(fresh=logits_of(0, 0, side=250), single=logits_of(66, 66))
     answer = refinement.decode(predictor, EMBEDDING, TWO_CLICKS)
     assert np.array_equal(answer.low_res_logits, predictor.single) and len(predictor.prompts) == 2
     assert predictor.prompts[0].is_ambiguous and predictor.prompts[1].multimask is False
 
 
 def test_two_clicks_close_to_the_previous_mask_or_without_one_decode_once():
-    predictor = ByOutput(whole=logits_of(60, 60, side=136), single=logits_of(0, 0, side=16))
-    assert np.array_equal(refinement.decode(predictor, EMBEDDING, TWO_CLICKS).low_res_logits, predictor.whole)
-    predictor = ByOutput(whole=logits_of(0, 0, side=250), single=logits_of(66, 66))
+    predictor = Scripted(fresh=logits_of(60, 60, side=136), single=logits_of(0, 0, side=16))
+    assert np.array_equal(refinement.decode(predictor, EMBEDDING, TWO_CLICKS).low_res_logits, predictor.fresh)
+    predictor = Scripted(fresh=logits_of(0, 0, side=250), single=logits_of(66, 66))
     alone = Prompt(points=TWO_CLICKS.points, labels=TWO_CLICKS.labels)
-    assert np.array_equal(refinement.decode(predictor, EMBEDDING, alone).low_res_logits, predictor.whole)
+    assert np.array_equal(refinement.decode(predictor, EMBEDDING, alone).low_res_logits, predictor.fresh)
     assert len(predictor.prompts) == 1
 
 
@@ -225,6 +212,6 @@ def test_the_single_output_is_not_taken_when_it_ignores_the_newest_click():
     closer to the previous mask, but it ignores what the user just said."""
     negative = Prompt(points=np.array([[100, 100], [128, 128]], np.float32), labels=np.array([1, 0], np.int32),
                       previous=PREVIOUS)
-    predictor = ByOutput(whole=logits_of(0, 0, side=100), single=logits_of(64, 64))  # the single output: PREVIOUS
+    predictor = Scripted(fresh=logits_of(0, 0, side=100), single=logits_of(64, 64))  # the single output: PREVIOUS
     answer = refinement.decode(predictor, EMBEDDING, negative)
-    assert np.array_equal(answer.low_res_logits, predictor.whole) and len(predictor.prompts) == 2
+    assert np.array_equal(answer.low_res_logits, predictor.fresh) and len(predictor.prompts) == 2
