@@ -56,7 +56,14 @@ fi
 
 echo "installing label-studio==$ls_version into $ls_venv"
 "$ls_venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-"$ls_venv/bin/python" -m pip install --quiet --disable-pip-version-check "label-studio==$ls_version"
+# its dependencies at the versions the tests passed with (see the file's header): an unpinned one that
+# changes upstream (sentry-sdk 3.0) otherwise breaks Label Studio on a fresh machine
+constraints="$repo_root/scripts/label-studio-constraints.txt"
+if [[ "$ls_version" == "1.23.2" ]]; then
+  "$ls_venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$constraints" "label-studio==$ls_version"
+else
+  "$ls_venv/bin/python" -m pip install --quiet --disable-pip-version-check "label-studio==$ls_version" "sentry-sdk<3"
+fi
 
 got="$(installed_version)"
 if [[ "$got" != "$ls_version" ]]; then
