@@ -21,7 +21,8 @@ Protocol (RITM's, as `../shared/datasets/README.md` states it), per object, on a
   the false negatives or of the false positives, whichever reaches farther (false negatives on a tie),
   positive or negative accordingly; ignore pixels are neither;
 * all clicks so far are sent each call, 20 clicks (--max-clicks) per object;
-* then, on the same task, a box (the object's tight box, x1 / y1 one past its last pixel): "box after clicks";
+* then, on the same task, a box (the object's tight box, x1 / y1 one past its last pixel; with --box-margin M
+  grown by M of its size on every side, as drawn by hand): "box after clicks";
   and the same box on a fresh task: "box alone".
 
 Reported: mIoU@k (k = 1..max-clicks; IoU over the non-ignore pixels), NoC@85 / NoC@90 (clicks until IoU >= t,
@@ -277,9 +278,9 @@ class Run:
 Decode = Callable[[list[Click], "np.ndarray | None", int], tuple[np.ndarray, float]]
 
 
-def simulate(decode: Decode, item: Item, max_clicks: int = 20, boxes: bool = True) -> Run:
+def simulate(decode: Decode, item: Item, max_clicks: int = 20, boxes: bool = True, box_margin: float = 0.0) -> Run:
     """Click `max_clicks` times (fewer on a perfect mask), then the box after k clicks (k in BOX_AFTER and
-    the last) and the box alone.
+    the last) and the box alone: the object's tight box, or with `box_margin` `loose_box` (drawn by hand).
 
     decode(clicks, box, task) -> (mask, seconds): `clicks` are all the clicks so far (or, with `box`, those
     made before it on `task`), `task` 0 for the object's own task, another number for a fresh one.
@@ -297,7 +298,7 @@ def simulate(decode: Decode, item: Item, max_clicks: int = 20, boxes: bool = Tru
         run.clicks.append(click)
     run.clicks = run.clicks[:len(run.ious)]
     if boxes:
-        box = tight_box(item.truth)
+        box = loose_box(item.truth, box_margin) if box_margin else tight_box(item.truth)
         run.box_after[len(run.clicks)] = iou(decode(run.clicks, box, 0)[0], item.truth, item.ignore)
         for task, k in enumerate((k for k in BOX_AFTER if k < len(run.clicks)), start=1):
             decode(run.clicks[:k], None, task)  # the clicks first, on a task of their own
@@ -355,7 +356,7 @@ def summarise(runs: dict[str, Run], max_clicks: int) -> dict:
 
 
 def benchmark(predictor: Predictor, items: Sequence[Item], max_clicks: int = 20, settings: Settings | None = None,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, box_margin: float = 0.0) -> dict:
     """Every number of the report, as a JSON-ready dict: each object through a fresh backend around
     `predictor` (one embedding per image, kept by the server's cache)."""
     backend = Backend(predictor, settings)
@@ -363,7 +364,8 @@ def benchmark(predictor: Predictor, items: Sequence[Item], max_clicks: int = 20,
     started = time.perf_counter()
     try:
         for task_id, item in enumerate(items, start=1):
-            runs[item.name] = run = simulate(server_decoder(backend, item, task_id), item, max_clicks)
+            runs[item.name] = run = simulate(server_decoder(backend, item, task_id), item, max_clicks,
+                                             box_margin=box_margin)
             run.single_first = single_output_first(predictor, item)
             log(f"  {item.name:<24} " + " ".join(f"{v:.3f}" for v in run.ious[:5])
                 + f" ... {run.ious[-1]:.3f}  box after " + " ".join(f"{v:.3f}" for v in run.box_after.values())
@@ -377,6 +379,7 @@ def benchmark(predictor: Predictor, items: Sequence[Item], max_clicks: int = 20,
     seconds = sorted(s for r in runs.values() for s in r.seconds)
     summary["ms_per_click_p95"] = round(1000 * seconds[int(0.95 * (len(seconds) - 1))], 1) if seconds else None
     return {"predictor": predictor.model_version, "max_clicks": max_clicks, "thresholds": list(THRESHOLDS),
+            "box_margin": box_margin,
             "summary": summary,
             "objects": {name: {"ious": [round(v, 4) for v in r.ious],
                                "clicks": [[round(c.x, 1), round(c.y, 1), int(c.positive)] for c in r.clicks],
@@ -495,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch / onnxruntime threads (0: default)")
     parser.add_argument("--no-refine", action="store_true", help="the server with REFINE_MASKS=false")
     parser.add_argument("--no-zoom", action="store_true", help="the server with ZOOM_IN=false")
+    parser.add_argument("--box-margin", type=float, default=0.0,
+                        help="boxes grown by this share of their size on every side (0.1: drawn by hand; 0: tight)")
     parser.add_argument("--traces", action="store_true", help="print every object's IoU after each click")
     parser.add_argument("--json", type=Path, default=HERE / "artifacts" / "quality.json")
     args = parser.parse_args(argv)
@@ -505,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.predictor:
         print(f"{kind}:")
         predictor = load_predictor(kind, args.threads, args.onnx_dir)
-        reports[predictor.model_version] = benchmark(predictor, items, args.max_clicks, settings)
+        reports[predictor.model_version] = benchmark(predictor, items, args.max_clicks, settings,
+                                                    box_margin=args.box_margin)
         if args.traces:
             print("\n".join(traces(reports[predictor.model_version])))
     print(table(reports, args.dataset))

@@ -65,7 +65,7 @@ class PromptMemory:
         return remembered
 
     def previous_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt) -> np.ndarray | None:
-        """The last mask's logits for `target` if `prompt` only adds clicks to the prompt that produced it and
+        """The last mask's logits for `target` if `prompt` builds on the prompt that produced it (`_extends`) and
         is decoded in the same view (`Prompt.view`: logits are those of the frame they were decoded in).
 
         That is SAM's interactive protocol: each new click refines the previous mask. Any other change (a
@@ -75,8 +75,9 @@ class PromptMemory:
 
     def last_mask(self, task_key: Hashable, target: tuple[str, str],
                   prompt: Prompt) -> tuple[np.ndarray, tuple[int, int, int, int] | None] | None:
-        """(logits, the view they were decoded in) of `target`'s last mask if `prompt` only adds clicks to the
-        prompt that produced it, whatever its view; None otherwise."""
+        """(logits, the view they were decoded in) of `target`'s last mask if `prompt` builds on the prompt that
+        produced it (`_extends`: more clicks, or a box drawn around its clicks), whatever its view; None
+        otherwise."""
         with self._lock:
             memory = self._tasks.get(task_key)
             entry = memory.masks.get(target) if memory is not None else None
@@ -215,12 +216,18 @@ def _region(data: dict) -> Region:
 
 
 def _extends(before: Prompt, prompt: Prompt) -> bool:
-    """Whether `prompt` only adds clicks to `before`: the same box, every old click kept, and more clicks (a click
-    on the very spot of an earlier one adds no new row, but it is a click: the user wants more of that)."""
+    """Whether `prompt` builds on `before`: every old click kept, and either more clicks with the same box (a
+    click on the very spot of an earlier one adds no new row, but it is a click: the user wants more of that) or
+    a box where `before` had none (drawn after the clicks: `refinement.decode` weighs the clicks' mask against
+    the box)."""
     # SAM's prompt tokens carry no order, so "adds clicks" is set containment of (x, y, label) rows.
     old_rows = {tuple(row) for row in np.column_stack([before.points, before.labels]).tolist()}
     new_rows = {tuple(row) for row in np.column_stack([prompt.points, prompt.labels]).tolist()}
-    return old_rows <= new_rows and len(prompt.points) > len(before.points) and _same_box(prompt.box, before.box)
+    if not old_rows <= new_rows:
+        return False
+    if before.box is None and prompt.box is not None:
+        return True
+    return len(prompt.points) > len(before.points) and _same_box(prompt.box, before.box)
 
 
 def _in_view(last: tuple[np.ndarray, tuple[int, int, int, int] | None] | None, prompt: Prompt) -> np.ndarray | None:

@@ -35,10 +35,10 @@ def assemble(call: Sequence[Region], task: Mapping[str, Any], config: ProjectCon
     call: the regions of params.context; task_key: what the memory files this task under; image_size: (H, W).
     Records the call's regions in `memory` for later calls. With settings.zoom_in, clicks added to those that
     produced the class's last mask get the crop `zoom.choose` picks around it as `view` (or None). With
-    settings.refine_masks, a prompt that only adds clicks to the one that produced the class's last mask carries
-    that mask, in the prompt's view (`zoom.project`), as `mask_input`, or for two clicks (still ambiguous) as
-    `previous`; the caller decodes the prompt in its view and hands each new mask back with
-    `memory.remember_mask`.
+    settings.refine_masks, a prompt that builds on the one that produced the class's last mask (more clicks, or a
+    box drawn after them: `memory` `_extends`) carries that mask, in the prompt's view (`zoom.project`), as
+    `mask_input`, or for two clicks (still ambiguous) as `previous`; the caller decodes the prompt in its view
+    and hands each new mask back with `memory.remember_mask`.
     """
     remembered = memory.exchange(task_key, call)
     everything = combine(call, remembered, draft_regions(task, config))

@@ -48,12 +48,13 @@ def test_run_numbers():
     assert run.drops() == 1 and run.iou_at(1) == 0.5 and run.iou_at(9) == 0.95
 
 
-def through_server(predictor, item: quality.Item, max_clicks: int, boxes: bool = True) -> tuple[quality.Run, int]:
+def through_server(predictor, item: quality.Item, max_clicks: int, boxes: bool = True,
+                   box_margin: float = 0.0) -> tuple[quality.Run, int]:
     """`quality.simulate` of `item` through a fresh backend around `predictor`, Label Studio's bodies over HTTP:
     (the run, the embeddings the backend computed)."""
     backend = quality.Backend(predictor)
     try:
-        return quality.simulate(quality.server_decoder(backend, item, 1), item, max_clicks, boxes), \
+        return quality.simulate(quality.server_decoder(backend, item, 1), item, max_clicks, boxes, box_margin), \
             backend.model.cache.computed
     finally:
         backend.close()
@@ -102,6 +103,29 @@ def test_a_box_after_clicks_is_no_worse_than_the_box_alone_through_the_server(to
     run, _ = through_server(torch_predictor, item, max_clicks=5)
     assert run.box_alone >= 0.9 and len(run.box_after) >= 3, (run.box_alone, run.box_after)
     assert all(value >= run.box_alone - 0.05 for value in run.box_after.values()), (run.box_alone, run.box_after)
+
+
+@pytest.mark.parametrize("name", ["181079", "69020"])
+def test_a_box_drawn_by_hand_after_clicks_keeps_the_clicks_mask_through_the_server(torch_predictor, name):
+    """A box drawn loosely (a tenth of the object's size beyond it on every side) after clicks: SAM answers the
+    box alone with 0.93 on 181079 and with nothing on 69020, and the box with the clicks lost the object
+    (181079 after two clicks: 0.32). The clicks' last mask, refined with the box and the clicks, is one of the
+    answers now (`refinement.box_after_clicks`): after 1, 2 and 3 clicks the mask stays at 0.9 or more."""
+    item = quality.folder_items(quality.GRABCUT20, 128, [name])[0]
+    run, _ = through_server(torch_predictor, item, max_clicks=3, box_margin=0.1)
+    assert len(run.box_after) == 3, (run.ious, run.box_after)
+    assert all(value >= max(0.9, run.box_alone - 0.05) for value in run.box_after.values()), \
+        (run.box_alone, run.box_after)
+
+
+def test_a_box_after_clicks_leaves_out_a_refined_mask_that_misses_the_box_through_the_server(torch_predictor):
+    """GrabCut 189080 after three clicks: SAM refines the clicks' mask (0.56, half the object) with the box into
+    the same mask and predicts 0.99 for it; the box with the clicks gives 0.98. The refined mask's extent does
+    not fit the box, so it is not taken."""
+    item = quality.folder_items(quality.GRABCUT20, 128, ["189080"])[0]
+    run, _ = through_server(torch_predictor, item, max_clicks=5)
+    assert min(run.box_after[3], run.box_after[5]) >= max(0.9, run.box_alone - 0.05), \
+        (run.ious, run.box_alone, run.box_after)
 
 
 @pytest.mark.parametrize("name", ["124084", "37073"])

@@ -67,9 +67,21 @@ def test_previous_mask_only_when_the_prompt_adds_clicks():
     assert np.array_equal(memory.previous_mask("task", target, prompt((30, 40, 0), (10, 20, 1))), logits(1))
     assert memory.previous_mask("task", target, prompt((11, 20, 1), (30, 40, 0))) is None  # a click moved
     assert memory.previous_mask("task", target, prompt((10, 20, 0), (30, 40, 0))) is None  # its label changed
-    assert memory.previous_mask("task", target, prompt((10, 20, 1), (30, 40, 0), box=(0, 0, 5, 5))) is None
     assert memory.previous_mask("task", ("tag", "Dog"), added) is None
     assert memory.previous_mask("other task", target, added) is None
+
+
+def test_previous_mask_of_clicks_for_a_box_drawn_around_them_but_not_for_another_box():
+    memory = PromptMemory()
+    target = ("tag", "Cat")
+    memory.remember_mask("task", target, prompt((10, 20, 1), (30, 40, 0)), logits(1))
+    boxed = prompt((10, 20, 1), (30, 40, 0), box=(0, 0, 50, 50))  # refinement.box_after_clicks weighs it
+    assert np.array_equal(memory.previous_mask("task", target, boxed), logits(1))
+    assert memory.previous_mask("task", target, prompt((10, 20, 1), box=(0, 0, 50, 50))) is None  # a click gone
+    memory.remember_mask("task", target, boxed, logits(2))
+    assert memory.previous_mask("task", target, prompt((10, 20, 1), (30, 40, 0), box=(0, 0, 60, 50))) is None
+    assert np.array_equal(memory.previous_mask("task", target, prompt((10, 20, 1), (30, 40, 0), (5, 5, 1),
+                                                                      box=(0, 0, 50, 50))), logits(2))
 
 
 def test_a_click_on_the_spot_of_an_earlier_one_still_refines():

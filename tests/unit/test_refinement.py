@@ -106,6 +106,64 @@ def test_a_box_after_clicks_is_answered_by_the_better_of_box_with_clicks_and_box
         assert np.array_equal(answer.low_res_logits, logits_of(0, 0) if alone_wins else logits_of(64, 64))
 
 
+class ByKind:
+    """Answers the box alone, the box with clicks, and the box with clicks refining `mask_input` each with its own
+    (logits, score)."""
+
+    def __init__(self, alone: tuple, clicks: tuple, refined: tuple) -> None:
+        self.answers = {"alone": alone, "clicks": clicks, "refined": refined}
+        self.prompts: list[Prompt] = []
+
+    def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
+        self.prompts.append(prompt)
+        kind = "alone" if len(prompt.points) == 0 else "refined" if prompt.mask_input is not None else "clicks"
+        logits, score = self.answers[kind]
+        return Prediction(mask=logits[0] > 0, score=score, low_res_logits=logits)
+
+
+BOX = np.array([40, 40, 200, 200], np.float32)  # EMBEDDING's low-resolution cells are its image's pixels
+
+
+def test_a_box_after_clicks_takes_the_clicks_refined_mask_when_it_fills_the_box_and_scores_best():
+    fills = logits_of(40, 40, side=160)  # the box itself
+    predictor = ByKind(alone=(fills, 0.90), clicks=(logits_of(40, 40, side=150), 0.93), refined=(fills, 0.97))
+    prompt = Prompt(CLICKS.points, CLICKS.labels, box=BOX, mask_input=PREVIOUS, new_box=True)
+    answer = refinement.decode(predictor, EMBEDDING, prompt)
+    assert answer.score == 0.97 and len(predictor.prompts) == 3
+    assert predictor.prompts[-1].mask_input is PREVIOUS and np.array_equal(predictor.prompts[-1].box, BOX)
+
+
+def test_a_box_after_clicks_leaves_out_an_answer_that_does_not_fill_the_box_however_sure_sam_is():
+    fills, part = logits_of(40, 40, side=160), logits_of(40, 40, side=100)  # part: a box fit of 0.39
+    for refined, clicks, expected in (((part, 0.99), (fills, 0.93), 0.93),  # the clicks' old mask, kept by SAM
+                                      ((fills, 0.95), (part, 0.99), 0.95),  # the clicks without the mask
+                                      ((part, 0.99), (part, 0.98), 0.90)):  # only the box alone fits
+        predictor = ByKind(alone=(fills, 0.90), clicks=clicks, refined=refined)
+        prompt = Prompt(CLICKS.points, CLICKS.labels, box=BOX, mask_input=PREVIOUS, new_box=True)
+        assert refinement.decode(predictor, EMBEDDING, prompt).score == expected
+
+
+def test_a_box_after_clicks_leaves_out_an_answer_that_spills_out_of_the_box():
+    fills = logits_of(40, 40, side=160)
+    spills = fills.copy()
+    spills[:, 40:200, 200:215] = 5.0  # 9 % of it right of the box; its extent still fits the box (IoU 0.91)
+    predictor = ByKind(alone=(fills, 0.90), clicks=(spills, 0.99), refined=(spills, 0.98))
+    prompt = Prompt(CLICKS.points, CLICKS.labels, box=BOX, mask_input=PREVIOUS, new_box=True)
+    assert refinement.decode(predictor, EMBEDDING, prompt).score == 0.90
+
+
+def test_box_fit_is_the_iou_of_the_box_and_the_masks_extent_and_the_share_outside_it():
+    def fit(logits: np.ndarray) -> tuple[float, float]:
+        return refinement.box_fit(logits[0] > 0, BOX)
+
+    assert fit(logits_of(40, 40, side=160)) == (1.0, 0.0)
+    assert fit(logits_of(40, 40, side=80)) == (0.25, 0.0)
+    extent, outside = fit(logits_of(0, 40, side=80))  # rows 0..40 above the box
+    assert abs(extent - 40 * 80 / (160 * 160 + 80 * 80 - 40 * 80)) < 1e-6 and outside == 0.5
+    assert fit(np.full((1, 256, 256), -1.0, np.float32)) == (0.0, 1.0)
+    assert refinement.box_fit(np.ones((20, 30), bool), np.array([-5, -5, 35, 25], np.float32)) == (0.5, 0.0)
+
+
 def test_clicks_added_to_a_box_are_decoded_once_as_before():
     predictor = ByScore(0.99, 0.5)
     prompt = Prompt(points=CLICKS.points, labels=CLICKS.labels, box=BOX_AFTER_CLICKS.box)
