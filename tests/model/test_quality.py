@@ -97,8 +97,8 @@ def test_later_negative_clicks_keep_a_good_mask_through_the_server(torch_predict
 def test_a_box_after_clicks_is_no_worse_than_the_box_alone_through_the_server(torch_predictor, name):
     """Issue #17's "a box drawn after clicking makes it worse": the box mixed with the clicks gave 0.653 against
     0.968 alone on 181079 after one click, 0.836 against 0.971 on 37073. The box after clicks is now answered by
-    the better (SAM's predicted IoU) of the box with the clicks and the box alone: after 1, 2, 3 and all 5
-    clicks it loses at most 0.05 to the box alone."""
+    `refinement.box_after_clicks` (the box alone is one of its answers): after 1, 2, 3 and all 5 clicks it loses
+    at most 0.05 to the box alone."""
     item = quality.folder_items(quality.GRABCUT20, 128, [name])[0]
     run, _ = through_server(torch_predictor, item, max_clicks=5)
     assert run.box_alone >= 0.9 and len(run.box_after) >= 3, (run.box_alone, run.box_after)
