@@ -78,7 +78,9 @@ class Settings:
     embedding_float16: bool = True  # EMBEDDING_FLOAT16: cache embeddings as float16 (2 MB instead of 4 MB each)
     prompt_memory_size: int = 1024  # PROMPT_MEMORY_SIZE (task, class) entries
     prompt_memory_ttl: float = 3600.0  # PROMPT_MEMORY_TTL seconds
-    refine_masks: bool = True  # REFINE_MASKS: feed the previous mask of the object back to SAM with each new click
+    #: REFINE_MASKS: feed the previous mask of the object back to SAM with each new click (and weigh it for a box
+    #: drawn after clicks: refinement.box_after_clicks)
+    refine_masks: bool = True
     #: ZOOM_IN: decode the clicks after the first on an object that is small in its image in a crop around it,
     #: embedded on its own (sam/zoom.py; one more embedding per small object, started after the first click)
     zoom_in: bool = True

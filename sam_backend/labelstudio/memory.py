@@ -218,15 +218,16 @@ def _region(data: dict) -> Region:
 def _extends(before: Prompt, prompt: Prompt) -> bool:
     """Whether `prompt` builds on `before`: every old click kept, and either more clicks with the same box (a
     click on the very spot of an earlier one adds no new row, but it is a click: the user wants more of that) or
-    a box where `before` had none (drawn after the clicks: `refinement.decode` weighs the clicks' mask against
-    the box)."""
+    a box where `before` had none, drawn in this call (`Prompt.new_box`: `refinement.box_after_clicks` weighs the
+    clicks' mask against the box; a box that was there already, from the draft or an earlier object, is not
+    one the mask was made for)."""
     # SAM's prompt tokens carry no order, so "adds clicks" is set containment of (x, y, label) rows.
     old_rows = {tuple(row) for row in np.column_stack([before.points, before.labels]).tolist()}
     new_rows = {tuple(row) for row in np.column_stack([prompt.points, prompt.labels]).tolist()}
     if not old_rows <= new_rows:
         return False
     if before.box is None and prompt.box is not None:
-        return True
+        return prompt.new_box
     return len(prompt.points) > len(before.points) and _same_box(prompt.box, before.box)
 
 

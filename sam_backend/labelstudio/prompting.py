@@ -52,7 +52,7 @@ def assemble(call: Sequence[Region], task: Mapping[str, Any], config: ProjectCon
         rectangles = [r for r in of_target if r.type == "rectanglelabels"]
         if prompt.box is not None and len(prompt.points) and rectangles[-1].id in call_ids:
             prompt = replace(prompt, new_box=True)  # a box after clicks (refinement.decode)
-        # (logits, their view) of the class's last mask when the prompt adds clicks to the one that made it
+        # (logits, their view) of the class's last mask when the prompt builds on the one that made it
         last = memory.last_mask(task_key, target, prompt) if settings.zoom_in or settings.refine_masks else None
         if settings.zoom_in and prompt.box is None and len(prompt.points) and last is not None:
             # the object's extent is known: a crop where it is small (sam.zoom)

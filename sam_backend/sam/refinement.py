@@ -116,6 +116,7 @@ def box_after_clicks(predictor: Predictor, embedding: Embedding, prompt: Prompt)
     if prompt.mask_input is not None:
         answers.append(predictor.decode(embedding, prompt))
     fit, outside = box_fit(alone.mask, prompt.box)
+    outside = 0.0 if fit == 0.0 else outside  # the box alone found nothing: an answer must lie inside the box
 
     def keeps_to_box(answer: Prediction) -> bool:
         its_fit, its_outside = box_fit(answer.mask, prompt.box)
@@ -142,7 +143,7 @@ def box_fit(mask: np.ndarray, box: np.ndarray) -> tuple[float, float]:
     bottom, right = min(max(int(round(by1)), top), height), min(max(int(round(bx1)), left), width)
     total = int(np.count_nonzero(mask[y0:y1, x0:x1]))
     outside = 1.0 - np.count_nonzero(mask[top:bottom, left:right]) / total
-    return (inter / union if union > 0 else 0.0), float(outside)
+    return (float(inter / union) if union > 0 else 0.0), float(outside)
 
 
 def honours_newest(mask: np.ndarray, prompt: Prompt) -> bool:

@@ -20,10 +20,10 @@ def click(region_id: str, label: str = "1", target: Target = CAT, x: float = 10.
                   positive=target.positive, x=x, y=y)
 
 
-def prompt(*clicks: tuple[float, float, int], box: tuple[float, ...] | None = None) -> Prompt:
+def prompt(*clicks: tuple[float, float, int], box: tuple[float, ...] | None = None, new_box: bool = False) -> Prompt:
     return Prompt(points=np.array([c[:2] for c in clicks], np.float32).reshape(-1, 2),
                   labels=np.array([c[2] for c in clicks], np.int32),
-                  box=None if box is None else np.array(box, np.float32))
+                  box=None if box is None else np.array(box, np.float32), new_box=new_box)
 
 
 def logits(value: float) -> np.ndarray:
@@ -56,7 +56,7 @@ def test_exchange_is_per_task():
     assert memory.exchange(("project", 1, "other url"), [click("n", "-1", CAT_NEGATIVE)]) == []
 
 
-def test_previous_mask_only_when_the_prompt_adds_clicks():
+def test_previous_mask_only_when_the_prompt_adds_clicks_or_a_box():
     memory = PromptMemory()
     target = ("tag", "Cat")
     first = prompt((10, 20, 1))
@@ -75,9 +75,11 @@ def test_previous_mask_of_clicks_for_a_box_drawn_around_them_but_not_for_another
     memory = PromptMemory()
     target = ("tag", "Cat")
     memory.remember_mask("task", target, prompt((10, 20, 1), (30, 40, 0)), logits(1))
-    boxed = prompt((10, 20, 1), (30, 40, 0), box=(0, 0, 50, 50))  # refinement.box_after_clicks weighs it
+    boxed = prompt((10, 20, 1), (30, 40, 0), box=(0, 0, 50, 50), new_box=True)  # refinement.box_after_clicks
     assert np.array_equal(memory.previous_mask("task", target, boxed), logits(1))
-    assert memory.previous_mask("task", target, prompt((10, 20, 1), box=(0, 0, 50, 50))) is None  # a click gone
+    assert memory.previous_mask("task", target, prompt((10, 20, 1), box=(0, 0, 50, 50), new_box=True)) is None
+    # a box that is not this call's (from the draft, or an earlier object's): not the one the mask was made for
+    assert memory.previous_mask("task", target, prompt((10, 20, 1), (30, 40, 0), box=(0, 0, 50, 50))) is None
     memory.remember_mask("task", target, boxed, logits(2))
     assert memory.previous_mask("task", target, prompt((10, 20, 1), (30, 40, 0), box=(0, 0, 60, 50))) is None
     assert np.array_equal(memory.previous_mask("task", target, prompt((10, 20, 1), (30, 40, 0), (5, 5, 1),

@@ -183,10 +183,13 @@ def test_clicks_are_remembered_across_calls_and_refine_the_previous_mask(make):
     third = predictor.prompts[2]
     assert sorted(third.labels.tolist()) == [0, 1, 1] and third.mask_input is not None
     assert np.all(third.mask_input == 2)  # decode 2's logits
-    # a rectangle changes the prompt's box: no refinement, but the clicks stay
+    # a rectangle drawn after the clicks: the box with the clicks, the box alone, and the box with the clicks
+    # refining decode 3's mask (refinement.box_after_clicks)
     model.predict(recorded("alias_rectangle"))
-    fourth = predictor.prompts[3]
-    assert sorted(fourth.labels.tolist()) == [0, 1, 1] and fourth.box is not None and fourth.mask_input is None
+    with_clicks, alone, refined = predictor.prompts[3:]
+    assert sorted(with_clicks.labels.tolist()) == [0, 1, 1] and with_clicks.box is not None
+    assert with_clicks.mask_input is None and len(alone.points) == 0 and alone.mask_input is None
+    assert sorted(refined.labels.tolist()) == [0, 1, 1] and np.all(refined.mask_input == 3)  # decode 3's logits
     assert len(images.fetches) == 1 and predictor.images == [(H, W)]  # one download, one embedding
 
 
