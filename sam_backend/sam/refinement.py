@@ -59,7 +59,8 @@ REMOVAL_REACH = 4.0
 #: a box drawn after clicks: an answer whose mask's extent fits the box (IoU of the two boxes) by more than this
 #: less than the box alone's answer does, or of which a larger share than BOX_OUTSIDE_SLACK more lies outside the
 #: box, is not taken (`box_after_clicks`; README, "Mask quality": the same results from 0.05 to 0.2, and from 0.01
-#: to 0.05, with tight boxes; 0.1 and 0.03 are the best for boxes drawn loosely)
+#: to 0.05, with tight boxes; with boxes drawn loosely, larger ones raise the mean and let a box of GrabCut20
+#: fall more than 0.05 under the box alone, 0.1 and 0.03 none)
 BOX_FIT_SLACK = 0.1
 BOX_OUTSIDE_SLACK = 0.03
 #: the least reach, in low-resolution pixels (4 pixels of the 1024-frame each), for a click at a mask's edge
