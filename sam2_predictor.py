@@ -13,10 +13,15 @@ straight to (H, W).
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from sam_backend.sam import cpu_binding
+
+with cpu_binding.openmp_bound_to_cores():
+    import torch
 import torch.nn.functional as F
 
 from advanced_sam import choose_device
@@ -100,14 +105,15 @@ class Sam2Predictor:
         1024 square)."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
-        pixels = self._transforms(image)[None].to(self.device)
-        backbone_out = self.model.forward_image(pixels)
-        _, vision_feats, _, _ = self.model._prepare_backbone_features(backbone_out)
-        if self.model.directly_add_no_mem_embed:
-            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
-        sides = [side for _, _, side in HIGH_RES] + [FEATURES_SHAPE[-1]]
-        maps = [feat.permute(1, 2, 0).reshape(1, -1, side, side) for feat, side in zip(vision_feats, sides)]
-        as_numpy = [m.float().cpu().numpy() for m in maps]
+        with self._pinned():
+            pixels = self._transforms(image)[None].to(self.device)
+            backbone_out = self.model.forward_image(pixels)
+            _, vision_feats, _, _ = self.model._prepare_backbone_features(backbone_out)
+            if self.model.directly_add_no_mem_embed:
+                vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
+            sides = [side for _, _, side in HIGH_RES] + [FEATURES_SHAPE[-1]]
+            maps = [feat.permute(1, 2, 0).reshape(1, -1, side, side) for feat, side in zip(vision_feats, sides)]
+            as_numpy = [m.float().cpu().numpy() for m in maps]
         size = original_size or image.shape[:2]
         return Embedding(features=as_numpy[-1], original_size=(int(size[0]), int(size[1])),
                          input_size=(IMAGE_SIZE, IMAGE_SIZE),
@@ -115,35 +121,42 @@ class Sam2Predictor:
 
     @torch.inference_mode()
     def decode(self, embedding: Embedding, prompt: Prompt) -> Prediction:
-        low_res, iou = self.decode_low_res(embedding, prompt)
-        index = int(torch.argmax(iou)) if prompt.is_single_click else 0
-        logits = low_res[index: index + 1]
-        mask = upscale(logits, embedding.original_size)
-        return Prediction(mask=mask.cpu().numpy(), score=float(iou[index]),
-                          low_res_logits=torch.clamp(logits, -LOGIT_LIMIT, LOGIT_LIMIT).float().cpu().numpy())
+        with self._pinned():
+            low_res, iou = self.decode_low_res(embedding, prompt)
+            index = int(torch.argmax(iou)) if prompt.is_single_click else 0
+            logits = low_res[index: index + 1]
+            mask = upscale(logits, embedding.original_size).cpu().numpy()
+            low_res_logits = torch.clamp(logits, -LOGIT_LIMIT, LOGIT_LIMIT).float().cpu().numpy()
+        return Prediction(mask=mask, score=float(iou[index]), low_res_logits=low_res_logits)
 
     @torch.inference_mode()
     def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's answer to `prompt`: logits (3, 256, 256) and IoUs (3,) for a lone click (SAM's three
         choices), else (1, 256, 256) and (1,), unclamped, on the predictor's device."""
-        features, high_res = self._features(embedding)
-        points = self.prompt_points(prompt, embedding.original_size)
-        mask_input = None
-        if prompt.mask_input is not None:  # (1, 256, 256) logits of an earlier answer
-            mask_input = torch.as_tensor(np.asarray(prompt.mask_input, dtype=np.float32),
-                                         device=self.device).reshape(1, 1, 4 * FEATURES_SHAPE[2], -1)
-        encoder = self.model.sam_prompt_encoder
-        sparse, dense = encoder(points=points, boxes=None, masks=mask_input)
-        low_res, iou, _, _ = self.model.sam_mask_decoder(
-            image_embeddings=features,
-            image_pe=encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=prompt.is_single_click,
-            repeat_image=False,
-            high_res_features=high_res,
-        )
+        with self._pinned():
+            features, high_res = self._features(embedding)
+            points = self.prompt_points(prompt, embedding.original_size)
+            mask_input = None
+            if prompt.mask_input is not None:  # (1, 256, 256) logits of an earlier answer
+                mask_input = torch.as_tensor(np.asarray(prompt.mask_input, dtype=np.float32),
+                                             device=self.device).reshape(1, 1, 4 * FEATURES_SHAPE[2], -1)
+            encoder = self.model.sam_prompt_encoder
+            sparse, dense = encoder(points=points, boxes=None, masks=mask_input)
+            low_res, iou, _, _ = self.model.sam_mask_decoder(
+                image_embeddings=features,
+                image_pe=encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=prompt.is_single_click,
+                repeat_image=False,
+                high_res_features=high_res,
+            )
         return low_res[0], iou[0]
+
+    def _pinned(self) -> AbstractContextManager[None]:
+        """`cpu_binding.pinned` without pinning, for torch's intra-op threads on the CPU: OpenMP would leave the
+        caller's thread on one core for good."""
+        return cpu_binding.pinned(torch.get_num_threads() if self.device.type == "cpu" else 1, pin=False)
 
     def prompt_points(self, prompt: Prompt, original_size: tuple[int, int]) \
             -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -54,6 +54,11 @@ class Settings:
     #: AMD EPYC (AVX2) a lone ONNX click at 1920x1080 took 52 ms over HTTP against 60 ms with 1, and 8
     #: annotators at once p95 108 ms against 115 ms, for about 30-90 MiB more (a second decoder session)
     decode_threads: int = 0
+    #: TORCH_BIND_THREADS: bind torch's OpenMP threads to cores, and a click after a rest to the first
+    #: (`sam.cpu_binding`; read as torch loads). On 2 cores of an AMD EPYC, MobileSAM at 1920x1080 over HTTP: a
+    #: click after a rest 68 -> 52 ms, but clicks without pauses and first clicks under load wait longer; hence
+    #: off by default
+    torch_bind_threads: bool = False
     #: MAX_CONCURRENT_DECODES: clicks decoded at once per worker (each holds a mask of its image's size); 0 = the
     #: CPUs this process may use. The others wait their turn.
     max_concurrent_decodes: int = 0
@@ -165,6 +170,7 @@ ENVIRONMENT = {
     "TORCH_NUM_THREADS": "torch_threads",
     "ORT_NUM_THREADS": "ort_threads",
     "DECODE_THREADS": "decode_threads",
+    "TORCH_BIND_THREADS": "torch_bind_threads",
     "ENCODER_NICE": "encoder_nice",
     "MAX_CONCURRENT_DECODES": "max_concurrent_decodes",
     "LABEL_STUDIO_URL": "label_studio_url",

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -61,6 +62,12 @@ class Decodes:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._active = 0
+        self._last_end = float("-inf")
+
+    def rested(self, seconds: float) -> bool:
+        """Whether no decode is running and none has ended in the last `seconds` (a server at rest)."""
+        with self._lock:
+            return self._active == 0 and time.monotonic() - self._last_end >= seconds
 
     @contextmanager
     def running(self) -> Iterator[bool]:
@@ -73,3 +80,4 @@ class Decodes:
         finally:
             with self._lock:
                 self._active -= 1
+                self._last_end = time.monotonic()

@@ -74,3 +74,17 @@ def test_decodes_say_whether_a_decode_began_alone():
     with decodes.running() as alone:  # alone again
         seen.append(alone)
     assert seen == [True, False, True]
+
+
+def test_decodes_say_when_the_server_has_rested():
+    import time
+
+    from sam_backend.sam.lanes import Decodes
+
+    decodes = Decodes()
+    assert decodes.rested(0.05)  # none yet
+    with decodes.running():
+        assert not decodes.rested(0.0)  # one is running
+    assert not decodes.rested(0.05)  # one just ended
+    time.sleep(0.06)
+    assert decodes.rested(0.05)
