@@ -173,8 +173,7 @@ class TorchSamPredictor:
 
     def decode_low_res(self, embedding: Embedding, prompt: Prompt) -> tuple[np.ndarray, np.ndarray]:
         """All four decoder outputs: (4, 256, 256) float32 logits and (4,) predicted IoUs."""
-        rested = self._decodes.rested(REST_S)
-        with self._decodes.running() as alone:
+        with self._decodes.running_after_rest(REST_S) as (alone, rested):
             with self._threads(self.decode_threads or (DEFAULT_THREADS if alone else 1), pin=rested):
                 return self._decode_low_res(embedding, prompt)
 

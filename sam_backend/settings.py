@@ -57,7 +57,8 @@ class Settings:
     #: TORCH_BIND_THREADS: bind torch's OpenMP threads to cores, and a click after a rest to the first
     #: (`sam.cpu_binding`; read as torch loads). On 2 cores of an AMD EPYC, MobileSAM at 1920x1080 over HTTP: a
     #: click after a rest 68 -> 52 ms, but clicks without pauses and first clicks under load wait longer; hence
-    #: off by default
+    #: off by default. Informational here: `sam.cpu_binding` reads the environment itself, before any Settings
+    #: exist (a Settings built in code does not change it)
     torch_bind_threads: bool = False
     #: MAX_CONCURRENT_DECODES: clicks decoded at once per worker (each holds a mask of its image's size); 0 = the
     #: CPUs this process may use. The others wait their turn.

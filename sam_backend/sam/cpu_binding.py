@@ -19,7 +19,9 @@ as torch loads it, and then binds its worker threads, one core each. It also bin
 every thread that first starts an OpenMP team, to one core for good, and threads they create inherit that: so
 the importing thread gets its CPUs back right after the import, and `pinned` keeps a caller on its team's core
 only while its block runs. A user's own OpenMP affinity settings are left as they are (and `pinned` does nothing
-then), as on one CPU, where there is nothing to bind, and off Linux.
+then), as on one core, where there is nothing to bind, and off Linux; asked for there, a warning says why not.
+SAM 2's predictor (`sam2_predictor`) gives its threads their CPUs back but pins no click: with it the binding
+only costs.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sam_backend.settings import parse_bool
 
@@ -53,15 +56,46 @@ _cpus: frozenset[int] | None = None  # the process's CPUs when OpenMP was loaded
 _threads = _State()
 
 
-def can_bind() -> bool:
-    """Whether binding was asked for (TORCH_BIND_THREADS=true), may help and is ours to set: Linux, at least 2
-    CPUs, no OpenMP placement set by the user, and torch not loaded yet (OpenMP reads the settings once)."""
+def wanted() -> bool:
+    """Whether the binding is asked for (TORCH_BIND_THREADS=true)."""
     try:
-        wanted = parse_bool(SETTING, os.environ.get(SETTING, "false"))
+        return parse_bool(SETTING, os.environ.get(SETTING, "false"))
     except ValueError:  # Settings.from_env says so at start-up
-        wanted = False
-    return (wanted and hasattr(os, "sched_setaffinity") and "torch" not in sys.modules
-            and not any(name in os.environ for name in USER_SETTINGS) and len(os.sched_getaffinity(0)) > 1)
+        return False
+
+
+def obstacle() -> str | None:
+    """Why torch's threads cannot be bound here (None: they can): Linux only, at least 2 cores (two hyperthreads of
+    one core are one OpenMP place), no OpenMP placement set by the user, and torch not loaded yet (OpenMP reads
+    the settings once)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return "not on Linux"
+    if "torch" in sys.modules:
+        return "torch was loaded before"
+    theirs = [name for name in USER_SETTINGS if name in os.environ]
+    if theirs:
+        return f"{', '.join(theirs)} set in the environment (kept as given)"
+    if physical_cores(os.sched_getaffinity(0)) < 2:
+        return "fewer than 2 cores"
+    return None
+
+
+def can_bind() -> bool:
+    """Whether binding was asked for and may help (`wanted`, no `obstacle`)."""
+    return wanted() and obstacle() is None
+
+
+def physical_cores(cpus: Iterable[int]) -> int:
+    """How many cores the CPUs `cpus` span, the hyperthreads of one core counting once (as OpenMP's "cores"
+    places do); the number of CPUs where the kernel does not say."""
+    cpus = list(cpus)
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            return len(cpus)
+    return len(cores)
 
 
 @contextmanager
@@ -72,7 +106,12 @@ def openmp_bound_to_cores() -> Iterator[None]:
     process of ours binds again, and anything else would have its first thread stuck on one core); the calling
     thread gets its CPUs back after it. Does nothing when `can_bind` says no."""
     global _cpus
-    if not can_bind():
+    if not wanted():
+        yield
+        return
+    reason = obstacle()
+    if reason is not None:
+        log.warning("%s=true, but torch's threads are left unbound: %s", SETTING, reason)
         yield
         return
     cpus = frozenset(os.sched_getaffinity(0))
@@ -82,13 +121,15 @@ def openmp_bound_to_cores() -> Iterator[None]:
     finally:
         for name in BINDING:
             os.environ.pop(name, None)
-        if "torch" in sys.modules:
-            _cpus = cpus
-            bound_here = frozenset(os.sched_getaffinity(0))
-            if bound_here != cpus:  # OpenMP bound the loading thread as it loaded
-                _threads.core = bound_here
-        os.sched_setaffinity(0, cpus)
-        log.debug("torch's OpenMP threads bound to cores: %s", _cpus is not None)
+        bound_here = frozenset(os.sched_getaffinity(0))
+        if "torch" not in sys.modules:
+            pass  # the import failed, and says why
+        elif bound_here != cpus:  # OpenMP bound the loading thread as it loaded
+            _cpus, _threads.core = cpus, bound_here
+            os.sched_setaffinity(0, cpus)
+            log.info("torch's OpenMP threads bound to cores (%s=true)", SETTING)
+        else:  # another OpenMP runtime, or OpenMP loaded before torch: nothing was bound
+            log.warning("%s=true, but loading torch bound no thread: left unbound", SETTING)
 
 
 def is_bound() -> bool:
@@ -99,22 +140,24 @@ def is_bound() -> bool:
 @contextmanager
 def pinned(threads: int, pin: bool = True) -> Iterator[None]:
     """Run the block, which computes with torch on `threads` OpenMP threads, with the calling thread on the core
-    OpenMP gave it (`pin`), beside its team's workers; afterwards the thread may run on every CPU of the process
-    again (also with `pin` False: OpenMP would leave it on one core for good). Nothing changes for one thread,
-    inside another `pinned` block, or when the threads are not bound.
+    OpenMP gave it (`pin`, for 2 threads or more), beside its team's workers; afterwards the thread may run on
+    every CPU of the process again (also with `pin` False: OpenMP would leave it on one core for good). Nothing
+    changes inside another `pinned` block, or when the threads are not bound.
 
-    OpenMP binds a thread as it first starts a team, and only then: the block in which that happens is not
-    pinned, and the core is remembered for the thread's later blocks (also when torch ran on the thread outside
-    a block and OpenMP bound it then)."""
+    OpenMP binds a thread as it first starts a team, and only then: the block in which that happens runs pinned
+    from that moment on whatever `pin` says, and the core is remembered for the thread's later blocks (also when
+    torch ran on the thread outside a block and OpenMP bound it then). "Every CPU of the process" is the set it
+    had when torch was loaded."""
     state = _threads
-    if threads < 2 or _cpus is None or state.depth:
+    if _cpus is None or state.depth:
         yield
         return
     cpus = _cpus
     before = frozenset(os.sched_getaffinity(0))
     core = state.core or (before if before != cpus else None)
-    if core != before:
-        os.sched_setaffinity(0, core if pin and core is not None else cpus)
+    target = core if pin and threads >= 2 and core is not None else cpus
+    if target != before:
+        os.sched_setaffinity(0, target)
     state.depth += 1
     try:
         yield

@@ -64,19 +64,23 @@ class Decodes:
         self._active = 0
         self._last_end = float("-inf")
 
-    def rested(self, seconds: float) -> bool:
-        """Whether no decode is running and none has ended in the last `seconds` (a server at rest)."""
-        with self._lock:
-            return self._active == 0 and time.monotonic() - self._last_end >= seconds
-
     @contextmanager
     def running(self) -> Iterator[bool]:
         """Count one decode while the block runs; yields True when no other decode was running as it began."""
+        with self.running_after_rest(0.0) as (alone, _):
+            yield alone
+
+    @contextmanager
+    def running_after_rest(self, seconds: float) -> Iterator[tuple[bool, bool]]:
+        """`running`, yielding (alone, rested): rested when, besides, no decode ended in the last `seconds` (a
+        server at rest). Both are read at once: two clicks that arrive together after a rest are not both
+        rested."""
         with self._lock:
             alone = self._active == 0
+            rested = alone and time.monotonic() - self._last_end >= seconds
             self._active += 1
         try:
-            yield alone
+            yield alone, rested
         finally:
             with self._lock:
                 self._active -= 1

@@ -15,8 +15,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PHOTO = ROOT.parent / "shared" / "datasets" / "GrabCut_BSDS20" / "images" / "37073.jpg"
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
-                                reason="binding threads to cores needs Linux and at least 2 CPUs")
+def _cores() -> int:
+    from sam_backend.sam import cpu_binding
+
+    return cpu_binding.physical_cores(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+
+
+pytestmark = pytest.mark.skipif(_cores() < 2, reason="binding threads to cores needs Linux and at least 2 cores "
+                                                     "(two hyperthreads of one core are one OpenMP place)")
 
 PROBE = r"""
 import json, os, sys, time
@@ -44,19 +50,35 @@ def decode(rest):
     low_res, _ = predictor.decode_low_res(embedding, prompt)
     return low_res, sorted(os.sched_getaffinity(0))
 
+def whole_click(rest):
+    time.sleep(rest)
+    predictor.decode(embedding, prompt)  # the mask's upscaling too
+    return sorted(os.sched_getaffinity(0))
+
 with ThreadPoolExecutor(1) as pool:  # a request thread: not the one that imported torch
     answers = [pool.submit(decode, rest).result() for rest in (0.2, 0.2, 0.0)]
-report["inside"] = inside
+    report["after_whole_click"] = pool.submit(whole_click, 0.2).result()
+report["inside"] = inside[:3]
 report["after"] = [after for _, after in answers]
+report["encoder_lane"] = sorted(predictor.lane.run(lambda: os.sched_getaffinity(0)))
 np.save(sys.argv[3], answers[-1][0])
-report["narrow_threads"] = sum(len(os.sched_getaffinity(int(tid))) < len(cpus) for tid in os.listdir("/proc/self/task"))
+
+def narrow(tid):
+    try:
+        return len(os.sched_getaffinity(int(tid))) < len(cpus)
+    except OSError:  # a thread that ended meanwhile
+        return False
+
+report["narrow_threads"] = sum(narrow(tid) for tid in os.listdir("/proc/self/task"))
 print(json.dumps(report))
 """
 
 
 def probe(checkpoint: Path, out: Path, **env: str) -> dict:
-    environment = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("OMP_PROC_BIND", "OMP_PLACES", "TORCH_BIND_THREADS"))}
+    from sam_backend.sam import cpu_binding
+
+    # the test's own settings only: a CI's OpenMP placement (KMP_AFFINITY, ...) would turn the binding off
+    environment = {k: v for k, v in os.environ.items() if k not in (*cpu_binding.USER_SETTINGS, cpu_binding.SETTING)}
     environment.update(env, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", PROBE, str(checkpoint), str(PHOTO), str(out)], cwd=ROOT,
                           env=environment, capture_output=True, text=True, timeout=300)
@@ -76,10 +98,11 @@ def test_a_decode_after_a_rest_runs_beside_bound_workers_and_leaves_its_thread_f
     assert set(rested) < set(everything)  # pinned after a rest
     assert back_to_back == everything  # straight after another decode: not pinned
     assert bound["after"] == [everything] * 3  # and the request thread is free after every decode
+    assert bound["after_whole_click"] == everything and bound["encoder_lane"] == everything
 
     free = probe(mobile_sam_checkpoint, tmp_path / "free.npy")  # the default
     assert free["bound"] is False
-    assert free["inside"] == [everything] * 3
+    assert free["inside"] == [everything] * 3 and free["after_whole_click"] == everything
     assert free["narrow_threads"] == 0
     theirs = probe(mobile_sam_checkpoint, tmp_path / "theirs.npy", TORCH_BIND_THREADS="true", OMP_PROC_BIND="false")
     assert theirs["bound"] is False  # the user's own OpenMP setting wins

@@ -82,9 +82,12 @@ def test_decodes_say_when_the_server_has_rested():
     from sam_backend.sam.lanes import Decodes
 
     decodes = Decodes()
-    assert decodes.rested(0.05)  # none yet
-    with decodes.running():
-        assert not decodes.rested(0.0)  # one is running
-    assert not decodes.rested(0.05)  # one just ended
-    time.sleep(0.06)
-    assert decodes.rested(0.05)
+    with decodes.running_after_rest(3600) as (alone, rested):
+        assert alone and rested  # none yet
+        with decodes.running_after_rest(0.0) as (alone, rested):
+            assert not alone and not rested  # one is running
+    with decodes.running_after_rest(3600) as (alone, rested):
+        assert alone and not rested  # one ended less than an hour ago
+    time.sleep(0.02)
+    with decodes.running_after_rest(0.01) as (alone, rested):
+        assert alone and rested
