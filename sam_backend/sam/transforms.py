@@ -90,7 +90,8 @@ def best_prediction(low_res: np.ndarray, iou: np.ndarray, prompt: Prompt, embedd
     where `whole_object` picks one.
     """
     if prompt.is_ambiguous:
-        index = 1 + whole_object(low_res[1:], iou[1:], embedding.input_size, enclosed=prompt.enclosed)
+        margin = WHOLE_OBJECT_MARGIN if len(prompt.points) == 1 else CLICKS_MARGIN
+        index = 1 + whole_object(low_res[1:], iou[1:], embedding.input_size, margin, enclosed=prompt.enclosed)
     else:
         index = 0
     logits = low_res[index]
@@ -104,22 +105,34 @@ def low_res_extent(in_size: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(in_size[0] * LOW_RES / IMAGE_SIZE)), max(1, round(in_size[1] * LOW_RES / IMAGE_SIZE))
 
 
-#: of SAM's three masks for an ambiguous prompt, the largest whose predicted IoU is within this of the best wins
-WHOLE_OBJECT_MARGIN = 0.03
+#: of SAM's three masks for one click, the largest whose predicted IoU is within this of the best wins
+WHOLE_OBJECT_MARGIN = 0.05
+#: the same for two or more clicks (`Prompt.is_ambiguous`, `refinement.decode`'s fresh answer to a jump): there
+#: 0.05 took the object's surroundings in a crop around a small object (`zoom`; GrabCut 304074 in mosaic3, the
+#: second click: 0.67 -> 0.29)
+CLICKS_MARGIN = 0.03
+#: ... among those at least this stable (`stability`), unless none is
+MIN_STABILITY = 0.7
+#: logit offset of `stability` (segment_anything's automatic mask generator uses 1.0)
+STABILITY_OFFSET = 1.0
 
 
 def whole_object(logits: np.ndarray, iou: np.ndarray, in_size: tuple[int, int],
-                 margin: float = WHOLE_OBJECT_MARGIN, enclosed: bool = False) -> int:
+                 margin: float = WHOLE_OBJECT_MARGIN, enclosed: bool = False,
+                 min_stability: float = MIN_STABILITY) -> int:
     """Which of SAM's multimask outputs answers an ambiguous prompt. logits: (3, 256, 256); iou: (3,) predicted
     IoUs; in_size: (h, w) of the image in the 1024-frame.
 
     The largest mask (pixels over the image's part of the low-resolution frame) among those whose predicted IoU
-    is within `margin` of the best. SAM's three masks are a part, a larger part and the whole, and its predicted
-    IoU often ranks a crisp part a few hundredths above the whole object: on GrabCut20's first clicks (ONNX) the
-    best predicted IoU gave mIoU 0.809, SAM's single output 0.660, this rule 0.925 (margin 0.05: 0.929, 0.10:
-    0.871). On the synthetic scenes 0.03 changes nothing (0.730); 0.05 gave 0.756 on average but took one
-    clear scene (ellipse-coffee-hubble) under IoU 0.85, hence 0.03. Clicking a part of an object may then give
-    the object; a negative click on the rest takes it back to the part.
+    is within `margin` of the best, and at least `min_stability` stable if any of those is. SAM's
+    three masks are a part, a larger part and the whole, and its predicted IoU often ranks a crisp part a few
+    hundredths above the whole object; a mask that shrinks by half when its logits move by one is no whole
+    object but a guess at one (an ellipse with its surroundings: stability 0.38). First clicks through the
+    decoder (ONNX), mIoU: best predicted IoU 0.809 on GrabCut20; margin 0.03 without stability 0.926 on
+    GrabCut20, 0.730 on the synthetic scenes, 0.839 on mosaic3; margin 0.05 without: 0.929, 0.756, 0.862; with
+    stability >= 0.7 (the same from 0.5 to 0.8): 0.929, 0.780, 0.862; margin 0.1 with it: 0.929, 0.741, 0.884.
+    Clicking a part of an object may then give the object; a negative click on the rest takes it back to the
+    part.
     """
     rows, cols = low_res_extent(in_size)
     candidates = list(range(len(iou)))
@@ -128,7 +141,16 @@ def whole_object(logits: np.ndarray, iou: np.ndarray, in_size: tuple[int, int],
             or candidates
     best = max(float(iou[i]) for i in candidates)
     near = [i for i in candidates if iou[i] >= best - margin]
-    return max(near, key=lambda i: (int(np.count_nonzero(logits[i, :rows, :cols] > 0)), float(iou[i])))
+    near = [i for i in near if stability(logits[i, :rows, :cols]) >= min_stability] or near
+    return max(near, key=lambda i: (int(np.count_nonzero(logits[i, :rows, :cols] > MASK_THRESHOLD)), float(iou[i])))
+
+
+def stability(logits: np.ndarray, offset: float = STABILITY_OFFSET) -> float:
+    """How little a mask changes with its threshold: the IoU of the masks of `logits` > MASK_THRESHOLD + offset and
+    > MASK_THRESHOLD - offset (the first lies inside the second), 0..1; 1 for logits that are all below both.
+    Segment Anything's automatic mask generator keeps masks of stability >= 0.95 (`calculate_stability_score`)."""
+    outer = int(np.count_nonzero(logits > MASK_THRESHOLD - offset))
+    return int(np.count_nonzero(logits > MASK_THRESHOLD + offset)) / outer if outer else 1.0
 
 
 def _edges_touched(mask: np.ndarray) -> int:

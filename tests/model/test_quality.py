@@ -141,6 +141,20 @@ def test_the_first_click_is_no_worse_than_sams_single_output_through_the_server(
     assert run.ious[0] >= 0.9 and run.ious[0] >= single - quality.DROP, (run.ious, single)
 
 
+@pytest.mark.parametrize("dataset, name, least", [("scenes", "horse-rocket-motorcycle", 0.75),
+                                                   ("grabcut20", "153093", 0.87)])
+def test_the_first_click_passes_over_a_part_sam_is_surest_of_through_the_server(torch_predictor, dataset, name,
+                                                                                least):
+    """The first click where SAM rates a part of the object highest and the object a few hundredths lower
+    (`transforms.whole_object`: margin 0.05, masks that are guesses left out). Within the old margin of 0.03 only
+    the part: the horse's head and neck, 0.39, SAM's single output 0.58; 153093's person without the legs,
+    0.83. Within 0.05 the object: 0.79 and 0.90 on ONNX."""
+    item = quality.dataset_items(dataset, 128, (480, 640), [name])[0]
+    run, _ = through_server(torch_predictor, item, max_clicks=1, boxes=False)
+    single = quality.single_output_first(torch_predictor, item)
+    assert run.ious[0] >= least and run.ious[0] >= single - quality.DROP, (run.ious, single)
+
+
 @pytest.mark.parametrize("name, after, least", [("106024", 4, 0.935), ("304074", 3, 0.9)])
 def test_clicks_on_a_small_object_are_decoded_zoomed_in_through_the_server(torch_predictor, name, after, least):
     """Issue #17's zoom-in: GrabCut objects at a third of their size, one tile of a 3x3 mosaic of GrabCut photos

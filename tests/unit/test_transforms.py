@@ -55,6 +55,36 @@ def test_whole_object_takes_the_largest_mask_sam_rates_about_as_good():
     assert transforms.whole_object(logits, np.array([0.9, 0.9, 0.9]), wide) == 1
 
 
+def test_stability_is_the_iou_of_the_mask_one_logit_either_side_of_the_threshold():
+    logits = np.full((256, 256), -5.0, np.float32)
+    logits[:10, :10] = 5.0  # 100 pixels well inside
+    logits[10:20, :10] = 0.5  # 100 pixels in the mask, but not above +1
+    logits[20:40, :10] = -0.5  # 200 pixels out of it, but above -1
+    assert transforms.stability(logits) == pytest.approx(100 / 400)
+    assert transforms.stability(logits, offset=0.4) == 1.0  # no logit within 0.4 of the threshold
+    assert transforms.stability(np.full((256, 256), -5.0, np.float32)) == 1.0  # nothing either way
+
+
+def test_whole_object_passes_over_a_larger_mask_that_is_a_guess():
+    logits = np.full((3, 256, 256), -5.0, np.float32)
+    logits[0, :10, :10] = 5  # a part
+    logits[1, :40, :40] = 5  # the object
+    logits[2, :80, :80] = 0.5  # larger, rated about as good, but its logits hover around the threshold
+    square = (1024, 1024)
+    scores = np.array([0.95, 0.99, 0.97])
+    assert transforms.whole_object(logits, scores, square) == 1
+    assert transforms.whole_object(logits, scores, square, min_stability=0.0) == 2  # without the rule
+    logits[1, :40, :40] = 0.5  # both larger masks are guesses: the stable part
+    assert transforms.whole_object(logits, scores, square) == 0
+    logits[0, :10, :10] = 0.5  # all three are: the largest, as without the rule
+    assert transforms.whole_object(logits, scores, square) == 2
+    logits[0, :10, :10] = 5
+    # the best score is counted over all three: the object at 0.90 is not about as good as the guess at 0.99
+    # (208001 of GrabCut20, its second click: counted over the stable ones only, a worse guess got in), the part is
+    logits[1, :40, :40] = 5
+    assert transforms.whole_object(logits, np.array([0.95, 0.90, 0.99]), square) == 0
+
+
 def test_in_a_crop_around_the_object_a_mask_that_fills_the_crop_is_not_taken():
     logits = np.full((3, 256, 256), -5.0, np.float32)
     logits[0, 60:90, 60:90] = 5  # a part of the object
