@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from sam_backend.sam.transforms import LOW_RES, upscale_mask
+from sam_backend.sam.transforms import LOW_RES, stability, upscale_mask
 from sam_backend.sam.types import Embedding, Prompt
 
 
@@ -60,13 +60,6 @@ def grid(points_per_side: int, original_size: tuple[int, int]) -> np.ndarray:
     steps = (np.arange(points_per_side, dtype=np.float32) + 0.5) / points_per_side
     xs, ys = np.meshgrid(steps * width, steps * height)
     return np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float32)
-
-
-def stability(logits: np.ndarray, offset: float) -> float:
-    """IoU of the masks at thresholds +offset and -offset of one logit map (1 when both are empty)."""
-    inner = np.count_nonzero(logits > offset)
-    outer = np.count_nonzero(logits > -offset)
-    return float(inner / outer) if outer else 1.0
 
 
 def generate(predictor: LowResDecoder, embedding: Embedding, options: AutoMaskOptions = AutoMaskOptions()

@@ -106,7 +106,7 @@ def openmp_bound_to_cores() -> Iterator[None]:
     process of ours binds again, and anything else would have its first thread stuck on one core); the calling
     thread gets its CPUs back after it. Does nothing when `can_bind` says no."""
     global _cpus
-    if not wanted():
+    if not wanted() or is_bound():  # not asked for, or done by an earlier import
         yield
         return
     reason = obstacle()

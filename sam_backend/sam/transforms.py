@@ -90,13 +90,19 @@ def best_prediction(low_res: np.ndarray, iou: np.ndarray, prompt: Prompt, embedd
     where `whole_object` picks one.
     """
     if prompt.is_ambiguous:
-        margin = WHOLE_OBJECT_MARGIN if len(prompt.points) == 1 else CLICKS_MARGIN
-        index = 1 + whole_object(low_res[1:], iou[1:], embedding.input_size, margin, enclosed=prompt.enclosed)
+        index = 1 + whole_object(low_res[1:], iou[1:], embedding.input_size, margin_for(prompt),
+                                 enclosed=prompt.enclosed)
     else:
         index = 0
     logits = low_res[index]
     mask = upscale_mask(logits, embedding.input_size, embedding.original_size)
     return Prediction(mask=mask, score=float(iou[index]), low_res_logits=logits[None].astype(np.float32))
+
+
+def margin_for(prompt: Prompt) -> float:
+    """`whole_object`'s margin for an ambiguous `prompt`: WHOLE_OBJECT_MARGIN for one click alone, CLICKS_MARGIN
+    for anything more (or a box)."""
+    return WHOLE_OBJECT_MARGIN if len(prompt.points) == 1 and prompt.box is None else CLICKS_MARGIN
 
 
 def low_res_extent(in_size: tuple[int, int]) -> tuple[int, int]:
@@ -107,7 +113,8 @@ def low_res_extent(in_size: tuple[int, int]) -> tuple[int, int]:
 
 #: of SAM's three masks for one click, the largest whose predicted IoU is within this of the best wins
 WHOLE_OBJECT_MARGIN = 0.05
-#: the same for two or more clicks (`Prompt.is_ambiguous`, `refinement.decode`'s fresh answer to a jump): there
+#: the same for two or more clicks (`Prompt.is_ambiguous`, `refinement.decode`'s fresh answer to a jump) or a box
+#: asked for three masks (`margin_for`): there
 #: 0.05 took the object's surroundings in a crop around a small object (`zoom`; GrabCut 304074 in mosaic3, the
 #: second click: 0.67 -> 0.29)
 CLICKS_MARGIN = 0.03
@@ -124,7 +131,7 @@ def whole_object(logits: np.ndarray, iou: np.ndarray, in_size: tuple[int, int],
     IoUs; in_size: (h, w) of the image in the 1024-frame.
 
     The largest mask (pixels over the image's part of the low-resolution frame) among those whose predicted IoU
-    is within `margin` of the best, and at least `min_stability` stable if any of those is. SAM's
+    is within `margin` of the best, and at least `min_stability` stable (and not empty) if any of those is. SAM's
     three masks are a part, a larger part and the whole, and its predicted IoU often ranks a crisp part a few
     hundredths above the whole object; a mask that shrinks by half when its logits move by one is no whole
     object but a guess at one (an ellipse with its surroundings: stability 0.38). First clicks through the
@@ -141,8 +148,15 @@ def whole_object(logits: np.ndarray, iou: np.ndarray, in_size: tuple[int, int],
             or candidates
     best = max(float(iou[i]) for i in candidates)
     near = [i for i in candidates if iou[i] >= best - margin]
-    near = [i for i in near if stability(logits[i, :rows, :cols]) >= min_stability] or near
+    stable = [i for i in near if _filled(logits[i, :rows, :cols])
+              and stability(logits[i, :rows, :cols]) >= min_stability]
+    near = stable or near
     return max(near, key=lambda i: (int(np.count_nonzero(logits[i, :rows, :cols] > MASK_THRESHOLD)), float(iou[i])))
+
+
+def _filled(logits: np.ndarray) -> bool:
+    """Whether the mask of `logits` has a pixel (an empty mask is "stable" and no object)."""
+    return bool(np.any(logits > MASK_THRESHOLD))
 
 
 def stability(logits: np.ndarray, offset: float = STABILITY_OFFSET) -> float:

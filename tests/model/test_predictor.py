@@ -97,7 +97,8 @@ def test_masks_match_the_official_predictor(torch_predictor):
             point_labels=prompt.labels if len(prompt.points) else None,
             box=prompt.box, multimask_output=prompt.is_ambiguous)
         # of the reference's three masks, ours takes the one transforms.whole_object names (not the argmax)
-        best = transforms.whole_object(logits, scores, embedding.input_size) if prompt.is_ambiguous else 0
+        best = transforms.whole_object(logits, scores, embedding.input_size, transforms.margin_for(prompt)) \
+            if prompt.is_ambiguous else 0
         assert iou(ours.mask, masks[best]) >= 0.999
         assert ours.score == pytest.approx(float(scores[best]), abs=1e-4)
 

@@ -16,8 +16,11 @@ def test_cores_count_the_hyperthreads_of_one_core_once():
     cpus = os.sched_getaffinity(0)
     siblings = set()
     for cpu in cpus:
-        with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as listing:
-            siblings.add(listing.read().strip())
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as listing:
+                siblings.add(listing.read().strip())
+        except OSError:
+            pytest.skip("the kernel does not say which CPUs share a core here")
     assert cpu_binding.physical_cores(cpus) == len(siblings) <= len(cpus)
     assert cpu_binding.physical_cores([*cpus, 100_000]) == len(cpus) + 1  # the kernel does not say: CPUs
 
@@ -39,7 +42,8 @@ def test_the_binding_asked_for_says_why_it_cannot_be(monkeypatch):
 
 @linux
 def test_unbound_blocks_leave_the_thread_alone():
-    assert not cpu_binding.is_bound()  # the test process loads torch without the setting
+    if cpu_binding.is_bound():
+        pytest.skip("this test process was started with TORCH_BIND_THREADS=true")
     before = os.sched_getaffinity(0)
     with cpu_binding.pinned(2), cpu_binding.pinned(1, pin=False):
         assert os.sched_getaffinity(0) == before

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sam_backend.sam import transforms
+from sam_backend.sam.types import Prompt
 
 
 def smooth_logits(seed: int) -> np.ndarray:
@@ -83,6 +84,22 @@ def test_whole_object_passes_over_a_larger_mask_that_is_a_guess():
     # (208001 of GrabCut20, its second click: counted over the stable ones only, a worse guess got in), the part is
     logits[1, :40, :40] = 5
     assert transforms.whole_object(logits, np.array([0.95, 0.90, 0.99]), square) == 0
+
+
+def test_an_empty_mask_is_no_stable_whole_object():
+    logits = np.full((3, 256, 256), -5.0, np.float32)  # mask 0: empty, all logits far below the threshold
+    logits[1, :60, :60] = 0.5  # an object SAM is unsure of
+    logits[2, 200:, :] = 5  # only in the padding of a wide image: empty over the image
+    wide = (256, 1024)
+    assert transforms.whole_object(logits, np.array([0.99, 0.97, 0.98]), wide) == 1
+
+
+def test_one_click_alone_has_the_wider_margin():
+    one = Prompt(np.array([[5.0, 5.0]], np.float32), np.array([1], np.int32))
+    two = Prompt(np.array([[5.0, 5.0], [9.0, 9.0]], np.float32), np.array([1, 0], np.int32))
+    boxed = Prompt(one.points, one.labels, box=np.array([0, 0, 20, 20], np.float32), multimask=True)
+    assert transforms.margin_for(one) == transforms.WHOLE_OBJECT_MARGIN > transforms.CLICKS_MARGIN
+    assert transforms.margin_for(two) == transforms.margin_for(boxed) == transforms.CLICKS_MARGIN
 
 
 def test_in_a_crop_around_the_object_a_mask_that_fills_the_crop_is_not_taken():
