@@ -557,7 +557,10 @@ def test_env_example_documents_every_compose_variable_and_nothing_else():
     unused = sorted(documented - interpolated)
     # a setting the backend reads but compose does not pass on does nothing in the container (TORCH_BIND_THREADS,
     # JOB_ON_TRAINING and JOB_AUTO_LABEL did, once)
-    assert not unused, f".env.example documents {unused}, which docker-compose.yml does not pass to the container"
+    assert not unused, f".env.example documents {unused}, which docker-compose.yml does not read"
+    backend = set(resolved_compose()["services"][BACKEND_SERVICE]["environment"])
+    not_passed = sorted((documented & set(settings.ENVIRONMENT)) - backend)
+    assert not not_passed, f".env.example documents {not_passed}, which docker-compose.yml does not pass to the backend"
 
 
 def test_env_example_carries_no_secret():
