@@ -1,4 +1,5 @@
-"""sam.cpu_binding's checks, in this process (the binding itself: tests/model/test_cpu_binding.py, fresh processes)."""
+"""sam.cpu_binding's checks, in this process (the binding itself: tests/model/test_cpu_binding.py, fresh processes;
+this file's name differs from that one's: pytest imports test files by their base name)."""
 from __future__ import annotations
 
 import os
