@@ -114,9 +114,8 @@ def low_res_extent(in_size: tuple[int, int]) -> tuple[int, int]:
 #: of SAM's three masks for one click, the largest whose predicted IoU is within this of the best wins
 WHOLE_OBJECT_MARGIN = 0.05
 #: the same for two or more clicks (`Prompt.is_ambiguous`, `refinement.decode`'s fresh answer to a jump) or a box
-#: asked for three masks (`margin_for`): there
-#: 0.05 took the object's surroundings in a crop around a small object (`zoom`; GrabCut 304074 in mosaic3, the
-#: second click: 0.67 -> 0.29)
+#: asked for three masks (`margin_for`): there 0.05 took the object's surroundings in a crop around a small object
+#: (`zoom`; GrabCut 304074 in mosaic3, the second click: 0.67 -> 0.29)
 CLICKS_MARGIN = 0.03
 #: ... among those at least this stable (`stability`), unless none is
 MIN_STABILITY = 0.7
