@@ -245,10 +245,12 @@ def predict_masks(decoder: torch.nn.Module, image_embeddings: torch.Tensor, imag
     `ConvTranspose2d(kernel_size=2, stride=2)`, a `LayerNorm2d` between them. A transposed convolution whose stride
     equals its kernel is one matrix product per input pixel (each pixel's 2x2 outputs depend on it alone), and
     LayerNorm2d is a layer norm over the channels of each output pixel; so the head here stays in token order,
-    (pixels, channels), from the transformer to the mask logits, and puts the 4 masks' pixels in place once at
-    the end. On 2 cores of an AMD EPYC the ONNX decoder takes 47 ms instead of 55-60 on one thread and 30 instead
-    of 40 on two (ONNX Runtime runs LayerNorm2d as separate reductions and its ConvTranspose through im2col);
-    torch's decode 10-20 % less. Used by `TorchSamPredictor` and traced by the ONNX export.
+    (pixels, channels), from the transformer to the mask logits. On 2 cores of an AMD EPYC the ONNX decoder
+    takes 47 ms instead of 55-60 on one thread and 30 instead of 40 on two (ONNX Runtime runs LayerNorm2d as
+    separate reductions and its ConvTranspose through im2col); torch's decode 10-20 % less. After each product
+    the rows are put in raster order, moving runs of 2 * channels floats (`_raster`), so the 4 masks come out of
+    the last product in place: the ONNX decoder ~1 ms faster than one 7-d permutation of the masks at the end
+    (2-float runs), torch the same. Used by `TorchSamPredictor` and traced by the ONNX export.
     """
     tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight, sparse[0]], dim=0)[None]
     if reassociate is None:
@@ -261,14 +263,20 @@ def predict_masks(decoder: torch.nn.Module, image_embeddings: torch.Tensor, imag
     up1, norm, act1, up2, act2 = decoder.output_upscaling
     c1, c2 = up1.out_channels, up2.out_channels
     # ConvTranspose2d weight (in, out, 2, 2) -> (in, (i, j, out)): each pixel's four sub-pixels side by side
-    x = (src[0] @ up1.weight.permute(0, 2, 3, 1).reshape(channels, 4 * c1)).reshape(-1, c1) + up1.bias
+    x = _raster(src[0] @ up1.weight.permute(0, 2, 3, 1).reshape(channels, 4 * c1), height, width) + up1.bias
     x = act1(torch.nn.functional.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
-    x = act2((x @ up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)).reshape(-1, c2) + up2.bias)
+    x = act2(_raster(x @ up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2), 2 * height, 2 * width) + up2.bias)
     mask_tokens = hs[0, 1: 1 + decoder.num_mask_tokens]
     hyper = torch.stack([mlp(mask_tokens[i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)])
-    # rows of x: (y, x, i1, j1, i2, j2), output pixel (4y + 2 i1 + i2, 4x + 2 j1 + j2)
-    masks = (x @ hyper.T).reshape(height, width, 2, 2, 2, 2, -1).permute(6, 0, 2, 4, 1, 3, 5)
+    masks = hyper @ x.T  # (masks, 4 height * 4 width), rows of x in raster order
     return masks.reshape(1, -1, 4 * height, 4 * width), decoder.iou_prediction_head(hs[:, 0, :])
+
+
+def _raster(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A stride-2 transposed convolution's output as pixels: x (height * width, (i, j, c)), the 2x2 sub-pixels
+    (i, j) of each input pixel in raster order, -> (2 height * 2 width, c), output pixel (2y + i, 2x + j)."""
+    channels = x.shape[1] // 4
+    return x.reshape(height, width, 2, 2 * channels).transpose(1, 2).reshape(-1, channels)
 
 
 def reassociation_pays(transformer: torch.nn.Module, tokens: int) -> bool:
