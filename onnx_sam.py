@@ -126,8 +126,9 @@ DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
 def open_session(path: Path | str, kind: str, threads: int = 0,
-                 providers: Sequence[str] | None = None) -> ort.InferenceSession:
-    """An InferenceSession for the `kind` ("encoder" or "decoder") model at `path`, its signature checked."""
+                 providers: Sequence[str] | None = None, spin: bool = False) -> ort.InferenceSession:
+    """An InferenceSession for the `kind` ("encoder" or "decoder") model at `path`, its signature checked.
+    `spin`: its pool threads spin between operators while a run is on (see below)."""
     path = Path(path)
     if not path.is_file():
         raise OnnxModelError(f"ONNX {kind} {path} does not exist; build it with {build_command(path)}")
@@ -136,12 +137,11 @@ def open_session(path: Path | str, kind: str, threads: int = 0,
         options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # ONNX Runtime's idle pool threads spin for a while after each run: on a busy machine they take the cores
-    # from the other session's work (a decode took 2x longer beside a spinning encoder pool, measured). So the
-    # encoder's never spin. A decode is ~300 small operators, and a pool thread that sleeps between them is
-    # woken for each: the decoder's threads spin while a run is on and stop when the last run returns
-    # (force_spinning_stop; idle CPU after it: none). Decoder alone, 2 cores of an AMD EPYC: 44 -> 37 ms, the
-    # same CPU time per run.
-    spin = kind == "decoder"
+    # from the other session's work (a decode took 2x longer beside a spinning encoder pool, measured). A
+    # decode is ~300 small operators, though, and a pool thread that sleeps between them is woken for each; so
+    # the session of a lone click (`spin`) spins while its run is on and stops when it returns
+    # (force_spinning_stop; the stop waits for the last of overlapping runs, hence only a session that runs
+    # alone). Decoder alone, 2 cores of an AMD EPYC: 44 -> 37 ms, the same CPU time per run, none after it.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.add_session_config_entry("session.force_spinning_stop", "1")
     if kind == "encoder":
@@ -218,7 +218,8 @@ class OnnxSamPredictor:
                                  f"{build_command(Path(decoder_path).with_name('vit_t.encoder.onnx'))}")
         else:
             image_encoder = lane.run(open_session, encoder_path, "encoder", threads, providers)
-        decoder = open_session(decoder_path, "decoder", decode_threads, providers)
+        # with DECODE_THREADS=0 the parallel session only ever runs one click at a time (`Decodes`), so it spins
+        decoder = open_session(decoder_path, "decoder", decode_threads, providers, spin=decode_threads == 0)
         single = open_session(decoder_path, "decoder", 1, providers) if decode_threads == 0 else None
         if isinstance(image_encoder, ort.InferenceSession):
             _check_pair(image_encoder, decoder, Path(encoder_path), Path(decoder_path))
