@@ -249,7 +249,7 @@ def predict_masks(decoder: torch.nn.Module, image_embeddings: torch.Tensor, imag
     takes 47 ms instead of 55-60 on one thread and 30 instead of 40 on two (ONNX Runtime runs LayerNorm2d as
     separate reductions and its ConvTranspose through im2col); torch's decode 10-20 % less. After each product
     the rows are put in raster order, moving runs of 2 * channels floats (`_raster`), so the 4 masks come out of
-    the last product in place: the ONNX decoder ~1 ms faster than one 7-d permutation of the masks at the end
+    the last product in place: the ONNX decoder 0.7-1.9 ms faster than one 7-d permutation of the masks at the end
     (2-float runs), torch the same. Used by `TorchSamPredictor` and traced by the ONNX export.
     """
     tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight, sparse[0]], dim=0)[None]

@@ -32,8 +32,10 @@ TracerWarnings on TinyViT's shape asserts are harmless only because every image 
 decoder's output shapes unnamed and dynamic; it is kept as a fallback. Opset 20 by default (17 at least):
 from opset 20 on a GELU is one `Gelu` operator, which ONNX Runtime runs as one kernel (fused with the bias
 before it into `BiasGelu` in the decoder); before, it is five (Div, Erf, Add, Mul, Mul) in an order its
-fusion does not match. MobileSAM, 2 cores of an AMD EPYC (AVX2), opset 18 -> 20: encoder 1038 -> 865 ms,
-int8 encoder 968 -> 820 ms, decoder about 2 ms less.
+fusion does not match. MobileSAM, 2 cores of an AMD EPYC (AVX2), ONNX Runtime 1.32, opset 18 -> 20: encoder
+1038 -> 865 ms, int8 encoder 968 -> 820 ms, decoder 1.4-2.5 ms less (the BiasGelu fusion of the standard Gelu
+needs ONNX Runtime 1.21 or later; 1.20 runs the Gelu kernel after a separate Add). SAM 2's export goes to opset 20
+as well (at least 18).
 
 Quantization (`--quantize [encoder|decoder|both]`; bare: what `--parts` exports):
 `onnxruntime.quantization.quantize_dynamic` with 8-bit weights, per output channel, of MatMul/Gemm only.
