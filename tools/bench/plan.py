@@ -54,7 +54,9 @@ class Plan:
 
     warm_repeats: int = 30
     extra_cold: dict[str, int] = field(default_factory=lambda: {"640x480": 2, "1920x1080": 0, "4000x3000": 1})
-    prewarm_runs: int = 3
+    # The first click on a task opened earlier varies a lot (AMD EPYC, 2 cores: 45-127 ms over 10, the next
+    # click 41-80 ms): 3 of them gave a p50 of 87.6 ms (1.99x the warm click), 10 in the next run 60.9 (1.29x).
+    prewarm_runs: int = 10
     prewarm_delay: float = 3.0
     cached_images: int = 32
     rss_checkpoints: tuple[int, ...] = (20, 32)
