@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -25,9 +25,57 @@ from sam_backend.store.memory import MemoryStore
 log = logging.getLogger(__name__)
 
 
+Group = tuple[str, str]  # Region.group: (from_name, label as sent)
+
+
+class Older(NamedTuple):
+    """The regions of earlier actions that still count for a call: remembered ones of the groups the call
+    lacks, and the draft's."""
+
+    remembered: list[Region]
+    drafted: list[Region]
+
+
+def exchange_groups(groups: Mapping[Group, Sequence[Region]], call: Sequence[Region],
+                    drafted: Sequence[Region]) -> tuple[dict[Group, tuple[Region, ...]], Older]:
+    """A task's remembered groups after `call` (each of its groups replaces the earlier set), and what of the
+    other groups and of the draft (`drafted`, newest draft) still counts.
+
+    Label Studio resends a group whole in every call, so a call group that holds none of that group's earlier
+    regions means the user removed them all: accepting a suggestion deletes the smart regions, and that object is
+    finished. Its other groups are then the finished object's too (with the seed's alias labels, the `-1`
+    clicks that kept a neighbour out, which would otherwise join the next object's first `1` click). They
+    are dropped, except regions the draft still shows once it no longer holds the removed ones (placed after);
+    a draft that still holds removed ones is older than the finish, and none of its regions of that class count.
+    """
+    calls: dict[Group, list[Region]] = {}
+    for region in call:
+        calls.setdefault(region.group, []).append(region)
+    removed: dict[tuple[str, str], set[str]] = {}  # class -> ids of the call groups' earlier regions, all gone
+    for group, regions in calls.items():
+        earlier = {r.id for r in groups.get(group, ())}
+        if earlier and not earlier & {r.id for r in regions}:
+            removed.setdefault(regions[0].target_key, set()).update(earlier)
+    drafted_ids = {r.id for r in drafted}
+    stale = {target for target, ids in removed.items() if ids & drafted_ids}
+
+    def counts(region: Region) -> bool:
+        return region.target_key not in removed or (region.target_key not in stale and region.id in drafted_ids)
+
+    updated: dict[Group, tuple[Region, ...]] = {}
+    for group, regions in groups.items():
+        kept = tuple(calls[group]) if group in calls else tuple(r for r in regions if counts(r))
+        if kept:
+            updated[group] = kept
+    for group, regions in calls.items():
+        updated.setdefault(group, tuple(regions))
+    remembered = [r for group, regions in updated.items() if group not in calls for r in regions]
+    return updated, Older(remembered, [r for r in drafted if r.target_key not in stale])
+
+
 @dataclass
 class _TaskMemory:
-    groups: dict[tuple[str, str], tuple[Region, ...]] = field(default_factory=dict)
+    groups: dict[Group, tuple[Region, ...]] = field(default_factory=dict)
     # target key -> (the prompt that produced the mask, its (1, 256, 256) low-resolution logits)
     masks: dict[tuple[str, str], tuple[Prompt, np.ndarray]] = field(default_factory=dict)
 
@@ -53,16 +101,13 @@ class PromptMemory:
         # memory, and the mask bound across tasks, atomic.
         self._lock = threading.Lock()
 
-    def exchange(self, task_key: Hashable, regions: Sequence[Region]) -> list[Region]:
-        """Record this call's groups (replacing earlier sets of the same groups); return the other groups'."""
-        calls: dict[tuple[str, str], list[Region]] = {}
-        for region in regions:
-            calls.setdefault(region.group, []).append(region)
+    def exchange(self, task_key: Hashable, regions: Sequence[Region], drafted: Sequence[Region] = ()) -> Older:
+        """Record this call's groups (`exchange_groups`); return what of the other groups and of the draft
+        (`drafted`) still counts."""
         with self._lock:
             memory = self._touch(task_key)
-            remembered = [r for group, rs in memory.groups.items() if group not in calls for r in rs]
-            memory.groups.update({group: tuple(rs) for group, rs in calls.items()})
-        return remembered
+            memory.groups, older = exchange_groups(memory.groups, regions, drafted)
+        return older
 
     def previous_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt) -> np.ndarray | None:
         """The last mask's logits for `target` if `prompt` builds on the prompt that produced it (`_extends`) and
@@ -135,20 +180,17 @@ class SharedPromptMemory:
         # a mask record is about 256 KiB; max_tasks of them and their tasks' groups
         self._local = MemoryStore(max_bytes=max_tasks * (300 << 10), max_items=4 * max_tasks)
 
-    def exchange(self, task_key: Hashable, regions: Sequence[Region]) -> list[Region]:
-        """Record this call's groups (replacing earlier sets of the same groups); return the other groups'."""
-        calls: dict[tuple[str, str], list[Region]] = {}
-        for region in regions:
-            calls.setdefault(region.group, []).append(region)
+    def exchange(self, task_key: Hashable, regions: Sequence[Region], drafted: Sequence[Region] = ()) -> Older:
+        """As `PromptMemory.exchange`."""
         key = _store_key(task_key)
         record = self._read(GROUPS, key)
-        groups: dict[tuple[str, str], list[dict]] = {}
+        groups: dict[Group, tuple[Region, ...]] = {}
         if record is not None:
-            groups = {(g[0], g[1]): rs for g, rs in record[1]["groups"]}
-        remembered = [_region(r) for group, rs in groups.items() if group not in calls for r in rs]
-        groups.update({group: [asdict(r) for r in rs] for group, rs in calls.items()})
-        self._write(GROUPS, key, {}, {"groups": [[list(group), rs] for group, rs in groups.items()]})
-        return remembered
+            groups = {(g[0], g[1]): tuple(_region(r) for r in rs) for g, rs in record[1]["groups"]}
+        groups, older = exchange_groups(groups, regions, drafted)
+        self._write(GROUPS, key, {}, {"groups": [[list(group), [asdict(r) for r in rs]]
+                                                 for group, rs in groups.items()]})
+        return older
 
     def previous_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt) -> np.ndarray | None:
         """As `PromptMemory.previous_mask`."""

@@ -7,7 +7,8 @@ The prompt for a class is assembled from three places (the regions of each are p
 3. the task's autosaved draft, which holds every region but is usually one action behind.
 
 All positive and negative keypoints of the class go into the prompt, with the newest rectangle, except older
-regions that contradict the call's (`drop_finished`): those belong to an object the user has accepted.
+regions of an object the user has accepted: those of the class when the call's group no longer holds any of its
+earlier regions (`memory.exchange_groups`), and those that contradict the call's (`drop_finished`).
 """
 from __future__ import annotations
 
@@ -33,15 +34,16 @@ def assemble(call: Sequence[Region], task: Mapping[str, Any], config: ProjectCon
     call's order. A class with nothing to ask for yet (only negative clicks) gets none.
 
     call: the regions of params.context; task_key: what the memory files this task under; image_size: (H, W).
-    Records the call's regions in `memory` for later calls. With settings.zoom_in, clicks added to those that
+    Records the call's regions in `memory` for later calls (which also tells what of the older ones belongs to
+    an object the user has finished: `memory.exchange_groups`). With settings.zoom_in, clicks added to those that
     produced the class's last mask get the crop `zoom.choose` picks around it as `view` (or None). With
     settings.refine_masks, a prompt that builds on the one that produced the class's last mask (more clicks, or a
     box drawn after them: `memory` `_extends`) carries that mask, in the prompt's view (`zoom.project`), as
     `mask_input`, or for two clicks (still ambiguous) as `previous`; the caller decodes the prompt in its view
     and hands each new mask back with `memory.remember_mask`.
     """
-    remembered = memory.exchange(task_key, call)
-    everything = combine(call, remembered, draft_regions(task, config))
+    older = memory.exchange(task_key, call, draft_regions(task, config))
+    everything = combine(call, older.remembered, older.drafted)
     call_ids = {r.id for r in call}
     prompts = []
     for target in dict.fromkeys(r.target_key for r in call):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 
 from sam_backend.labelstudio.context import Region
 from sam_backend.labelstudio.label_config import Target
-from sam_backend.labelstudio.memory import PromptMemory
+from sam_backend.labelstudio.memory import PromptMemory, SharedPromptMemory
 from sam_backend.sam.types import Prompt
+from sam_backend.store.memory import MemoryStore
 
 CAT = Target("tag", "Cat", positive=True)
 CAT_NEGATIVE = Target("tag", "Cat", positive=False)
@@ -42,18 +44,56 @@ def test_exchange_returns_the_other_groups_and_replaces_the_callers():
     memory = PromptMemory()
     positives = [click("a"), click("b")]
     negative = click("n", "-1", CAT_NEGATIVE)
-    assert memory.exchange("task", positives) == []
-    assert memory.exchange("task", [negative]) == positives  # the positive group, remembered
+    assert memory.exchange("task", positives).remembered == []
+    assert memory.exchange("task", [negative]).remembered == positives  # the positive group, remembered
     # Label Studio resends a whole group each call: the new set replaces the old one (b was deleted)
-    assert memory.exchange("task", [click("a"), click("c")]) == [negative]
-    assert [r.id for r in memory.exchange("task", [negative])] == ["a", "c"]
+    assert memory.exchange("task", [click("a"), click("c")]).remembered == [negative]
+    assert [r.id for r in memory.exchange("task", [negative]).remembered] == ["a", "c"]
+
+
+MEMORIES = [PromptMemory, lambda: SharedPromptMemory(MemoryStore(max_bytes=1 << 20))]
+
+
+@pytest.mark.parametrize("make", MEMORIES, ids=["process", "shared"])
+def test_a_group_resent_without_its_earlier_regions_finishes_the_objects_other_groups(make):
+    """Seed's alias labels: a `-1` click that kept the neighbour out of object A must not join object B's first
+    `1` click once A's suggestion was accepted (which deleted A's clicks: the `1` group comes back without them)."""
+    memory = make()
+    memory.exchange("task", [click("a1")])
+    assert [r.id for r in memory.exchange("task", [click("a2", "-1", CAT_NEGATIVE)]).remembered] == ["a1"]
+    dog = click("d1", "2", Target("tag", "Dog", True))
+    memory.exchange("task", [dog])
+    older = memory.exchange("task", [click("b1")])  # A accepted; the first click on B
+    assert older.remembered == [dog]  # A's -1 is gone, the other class stays
+    assert memory.exchange("task", [click("b1"), click("b2")]).remembered == [dog]  # and stays gone
+    # clicks added to an object keep its other groups
+    memory.exchange("task", [click("b3", "-1", CAT_NEGATIVE)])
+    assert [r.id for r in memory.exchange("task", [click("b1"), click("b4")]).remembered] == ["d1", "b3"]
+
+
+@pytest.mark.parametrize("make", MEMORIES, ids=["process", "shared"])
+def test_after_a_finish_the_draft_tells_which_other_regions_came_later(make):
+    """A `-1` click placed on B before its first `1` click survives when a draft newer than the finish holds
+    it; a draft that still holds A's clicks is older than the finish, and none of its regions of the class count."""
+    negative_b = click("nb", "-1", CAT_NEGATIVE)
+    memory = make()
+    memory.exchange("task", [click("a1")])
+    memory.exchange("task", [negative_b])
+    older = memory.exchange("task", [click("b1")], drafted=[negative_b])
+    assert older.remembered == [negative_b] and older.drafted == [negative_b]
+    memory = make()
+    memory.exchange("task", [click("a1")])
+    memory.exchange("task", [negative_b])
+    drafted = [click("a1"), click("a2", "-1", CAT_NEGATIVE), click("d1", "2", Target("tag", "Dog", True))]
+    older = memory.exchange("task", [click("b1")], drafted=drafted)
+    assert older.remembered == [] and [r.id for r in older.drafted] == ["d1"]
 
 
 def test_exchange_is_per_task():
     memory = PromptMemory()
     memory.exchange(("project", 1, "url"), [click("a")])
-    assert memory.exchange(("project", 2, "url"), [click("n", "-1", CAT_NEGATIVE)]) == []
-    assert memory.exchange(("project", 1, "other url"), [click("n", "-1", CAT_NEGATIVE)]) == []
+    assert memory.exchange(("project", 2, "url"), [click("n", "-1", CAT_NEGATIVE)]).remembered == []
+    assert memory.exchange(("project", 1, "other url"), [click("n", "-1", CAT_NEGATIVE)]).remembered == []
 
 
 def test_previous_mask_only_when_the_prompt_adds_clicks_or_a_box():
@@ -123,8 +163,8 @@ def test_at_most_max_tasks_tasks_least_recently_used_out():
         memory.exchange(task, [click(task)])
     memory.exchange("t1", [click("n", "-1", CAT_NEGATIVE)])  # t1 used again: t2 is now the oldest
     memory.exchange("t3", [click("t3")])
-    assert [r.id for r in memory.exchange("t1", [])] == ["t1", "n"]
-    assert memory.exchange("t2", [click("n", "-1", CAT_NEGATIVE)]) == []  # forgotten
+    assert [r.id for r in memory.exchange("t1", []).remembered] == ["t1", "n"]
+    assert memory.exchange("t2", [click("n", "-1", CAT_NEGATIVE)]).remembered == []  # forgotten
 
 
 def test_masks_across_tasks_are_bounded_by_max_tasks_oldest_first():
@@ -162,11 +202,11 @@ def test_a_task_unused_for_ttl_seconds_is_forgotten():
     memory.exchange("task", [click("a")])
     memory.remember_mask("task", ("tag", "Cat"), prompt((1, 1, 1)), logits(1))
     clock.now += 50
-    assert [r.id for r in memory.exchange("task", [click("n", "-1", CAT_NEGATIVE)])] == ["a"]
+    assert [r.id for r in memory.exchange("task", [click("n", "-1", CAT_NEGATIVE)]).remembered] == ["a"]
     clock.now += 50  # 100 s after the first call, 50 s after the last use: still there
-    assert [r.id for r in memory.exchange("task", [click("n", "-1", CAT_NEGATIVE)])] == ["a"]
+    assert [r.id for r in memory.exchange("task", [click("n", "-1", CAT_NEGATIVE)]).remembered] == ["a"]
     clock.now += 61
-    assert memory.exchange("task", [click("n", "-1", CAT_NEGATIVE)]) == []
+    assert memory.exchange("task", [click("n", "-1", CAT_NEGATIVE)]).remembered == []
     assert memory.previous_mask("task", ("tag", "Cat"), prompt((1, 1, 1), (2, 2, 1))) is None
 
 

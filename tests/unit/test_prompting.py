@@ -167,6 +167,25 @@ def test_recorded_alias_clicks_are_combined_across_calls_by_the_memory():
     assert third.new_box and not first.new_box and not second.new_box  # the box came after the clicks
 
 
+def test_after_an_accepted_suggestion_the_next_objects_first_click_is_alone():
+    """Alias labels: object A took a `1` and a `-1` click; accepting its suggestion deleted them, and the first
+    `1` click on the next object of the class comes without A's clicks: its prompt is that click alone, also
+    when the draft still holds A's clicks."""
+    for drafted in (False, True):
+        memory = PromptMemory()
+        first, negative = recorded("alias_positive_keypoint"), recorded("alias_negative_keypoint_alone")
+        assemble(first, memory)
+        assemble(negative, memory)
+        next_object = recorded("alias_positive_keypoint")
+        click = next_object["params"]["context"]["result"][0]
+        next_object["params"]["context"]["result"][0] = dict(click, id="next", value=dict(click["value"], x=90, y=10))
+        if drafted:
+            next_object["tasks"][0]["drafts"] = [{"result": first["params"]["context"]["result"]
+                                                  + negative["params"]["context"]["result"]}]
+        ((_, prompt),) = assemble(next_object, memory)
+        assert np.allclose(prompt.points, [[405.9, 30]]) and prompt.labels.tolist() == [1]
+
+
 def test_only_a_box_drawn_in_this_call_after_clicks_is_new():
     assert not assemble(recorded("rectangle"))[0][1].new_box  # a box alone
     assert not assemble(recorded("keypoint_with_rectangle_in_draft"))[0][1].new_box  # clicks added to a box

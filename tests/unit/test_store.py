@@ -206,10 +206,10 @@ def test_two_processes_share_one_prompt_memory(tmp_path):
     single = PromptMemory()
     key, target = ("7", 1, "/data/upload/1/a.jpg"), ("tag", "Cat")
     for memory in (first, single):
-        assert memory.exchange(key, [click("a", "1")]) == []
+        assert memory.exchange(key, [click("a", "1")]).remembered == []
         memory.remember_mask(key, target, prompt((1, 2, 1)), logits(3))
     for memory in (second, single):
-        assert memory.exchange(key, [click("b", "-1")]) == [click("a", "1")]
+        assert memory.exchange(key, [click("b", "-1")]).remembered == [click("a", "1")]
         found = memory.previous_mask(key, target, prompt((1, 2, 1), (5, 6, 0)))
         assert found is not None and float(found.max()) == 3.0
         assert memory.previous_mask(key, target, prompt((5, 6, 0))) is None  # not an extension
