@@ -296,8 +296,12 @@ class SamModel:
         if isinstance(project_id, bool) or not isinstance(project_id, int):
             raise RequestError("body.project.id must be the project's id (an integer) for START_TRAINING")
         if not (self.settings.label_studio_url and self.settings.label_studio_api_key):
-            raise RequestError("a project job needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set on the backend "
-                               "(a user's token that may read the project and write predictions)", status=422)
+            # Answered 2xx: Label Studio marks the model as failed on any error answer (also when it starts
+            # training every N annotations) and shows only the status line, never this reason.
+            reason = ("a project job needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set on the backend (a user's "
+                      "token that may read the project and write predictions); set JOB_ON_TRAINING= to ignore it")
+            log.warning("START_TRAINING for project %s skipped: %s", project_id, reason)
+            return {"status": "skipped", "action": action, "project": project_id, "reason": reason}
         with self._jobs_lock:
             self._job_threads = {p: t for p, t in self._job_threads.items() if t.is_alive()}
             running = self._job_threads.get(project_id)

@@ -2,6 +2,7 @@
 decoder, and the runner over a Label Studio double (its pages, predictions and failures) with FakePredictor."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from types import SimpleNamespace
@@ -261,16 +262,19 @@ def model(**changes) -> SamModel:
     return SamModel(FakePredictor(), Settings(state_store="memory", **changes))
 
 
-def test_webhook_acknowledges_events_and_refuses_a_training_start_it_cannot_run():
+def test_webhook_acknowledges_events_and_skips_a_training_start_it_cannot_run(caplog):
     sam = model()
     assert sam.webhook({"action": "ANNOTATION_CREATED", "project": {"id": 1}}) == {
         "status": "ok", "action": "ANNOTATION_CREATED"}
     assert sam.webhook(None) == {"status": "ok", "action": None}
     with pytest.raises(RequestError, match="body.project.id"):
         sam.webhook({"action": "START_TRAINING", "project": {"id": "x"}})
-    with pytest.raises(RequestError, match="LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY") as refused:
-        sam.webhook({"action": "START_TRAINING", "project": {"id": 3}})
-    assert refused.value.status == 422
+    # without credentials: skipped with the reason, logged (an error answer would put the model in Label Studio's
+    # error state, showing only the status line)
+    with caplog.at_level(logging.WARNING):
+        skipped = sam.webhook({"action": "START_TRAINING", "project": {"id": 3}})
+    assert skipped["status"] == "skipped" and "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY" in skipped["reason"]
+    assert "START_TRAINING for project 3 skipped" in caplog.text and not sam.jobs.all()
     off = model(job_on_training=())
     assert off.webhook({"action": "START_TRAINING", "project": {"id": 3}})["status"] == "ok"
 
