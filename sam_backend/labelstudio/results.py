@@ -15,10 +15,11 @@ Which outputs a mask gets (`mask_results`):
 
 * the brush region with OUT_MASK (`--with out_mask`, default on);
 
-* polygons when the labeling config has a PolygonLabels tag on the image with a label for the mask's class
-  (a label naming the brush label as a prompt label would: the same value, or the seed's numeric aliases).
-  OUT_POLY (`--with out_poly`) asks for them too, but there must be such a tag to write into: without one
-  nothing is emitted and a warning says why;
+* polygons only with OUT_POLY (`--with out_poly`, default off, as in the seed), into a PolygonLabels tag on the
+  image with a label for the mask's class (a label naming the brush label as a prompt label would: the same
+  value, or the seed's numeric aliases). Such a tag alone is not enough: the seed's config has one for drawing
+  polygons by hand, and polygons on every click would give each accepted object two regions. With OUT_POLY
+  and no such tag nothing is emitted and a warning says why;
 * a rectangle only with OUT_BBOX (`--with out_bbox`) on, into a RectangleLabels tag of the image with a label
   for the class. Such a tag is usually the smart rectangle *prompt* tool: filling it on every click would
   give users boxes they did not draw, so a RectangleLabels tag alone is not enough. Note that with OUT_BBOX a
@@ -138,14 +139,15 @@ def outline_results(mask: np.ndarray, score: float, target: tuple[str, str], ima
     target: (brush tag, brush label value) of the mask's class; image: the Image tag's name.
     """
     results = []
-    polygon_tag = config.output_tag("polygonlabels", image, tuple(target))
-    if polygon_tag is not None:
-        results += polygon_regions(mask, from_name=polygon_tag[0], to_name=image, label=polygon_tag[1],
-                                   score=score, tolerance=settings.polygon_tolerance,
-                                   min_area=settings.polygon_min_area)
-    elif settings.out_poly:
-        _warn_once("OUT_POLY is on, but the labeling config has no PolygonLabels tag on %r with a label for "
-                   "brush label %r: no polygon", image, target[1])
+    if settings.out_poly:
+        polygon_tag = config.output_tag("polygonlabels", image, tuple(target))
+        if polygon_tag is None:
+            _warn_once("OUT_POLY is on, but the labeling config has no PolygonLabels tag on %r with a label for "
+                       "brush label %r: no polygon", image, target[1])
+        else:
+            results += polygon_regions(mask, from_name=polygon_tag[0], to_name=image, label=polygon_tag[1],
+                                       score=score, tolerance=settings.polygon_tolerance,
+                                       min_area=settings.polygon_min_area)
     if settings.out_bbox:
         rectangle_tag = config.output_tag("rectanglelabels", image, tuple(target))
         if rectangle_tag is None:

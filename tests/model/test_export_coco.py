@@ -32,6 +32,16 @@ POLYGON_CONFIG = """<View>
 
 # ---- round trips through the backend --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
+def live_backend(base_settings, torch_predictor):
+    """The backend over real HTTP with OUT_POLY on, so that its polygons go into the export too."""
+    from conftest import make_live_backend
+
+    server = make_live_backend(base_settings, torch_predictor, out_poly=True)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
 def chelsea_path(fake_label_studio):
     return fake_label_studio.add_image("/data/upload/2/chelsea.jpg", CHELSEA)
 

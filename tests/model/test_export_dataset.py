@@ -60,6 +60,16 @@ def photos(fake_label_studio) -> dict[int, tuple[str, bytes, np.ndarray | None]]
 
 
 @pytest.fixture(scope="module")
+def live_backend(base_settings, torch_predictor):
+    """The backend over real HTTP with OUT_POLY on, so that its polygons go into the export too."""
+    from conftest import make_live_backend
+
+    server = make_live_backend(base_settings, torch_predictor, out_poly=True)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
 def answered(live_backend, photos) -> dict[int, list[dict]]:
     """task id -> the regions the backend answered over HTTP: CHELSEA from the recorded Cat clicks (a brush mask
     and polygons), each GrabCut photo from one Dog click at its object's most interior point (a brush mask)."""

@@ -200,8 +200,9 @@ def test_outline_results_follow_config_and_settings(caplog):
         return [r["type"] for r in made]
 
     assert kinds(config()) == []  # a smart rectangle tag alone gets no boxes
-    assert kinds(config(POLYGONS)) == ["polygonlabels"]
-    assert kinds(config(POLYGONS), out_bbox=True) == ["polygonlabels", "rectanglelabels"]
+    assert kinds(config(POLYGONS)) == []  # polygons only with OUT_POLY
+    assert kinds(config(POLYGONS), out_poly=True) == ["polygonlabels"]
+    assert kinds(config(POLYGONS), out_poly=True, out_bbox=True) == ["polygonlabels", "rectanglelabels"]
     assert kinds(config(), out_bbox=True) == ["rectanglelabels"]
     with caplog.at_level(logging.WARNING, logger="sam_backend.labelstudio.results"):
         assert kinds(config(), out_poly=True) == []
@@ -227,9 +228,17 @@ def chelsea_path(fake_label_studio):
     return fake_label_studio.add_image("/data/upload/2/chelsea.jpg", CHELSEA)
 
 
-def test_server_adds_polygons_for_a_polygon_tag(live_backend, chelsea_path):
+def test_server_adds_polygons_with_out_poly(live_backend, base_settings, torch_predictor, chelsea_path):
+    from conftest import make_live_backend
+
     body = _click_body(chelsea_path, 501, NATIVE.replace("{extra}", POLYGONS))
-    results = _post(live_backend, body)
+    # by default (the seed's out_poly=False) a PolygonLabels tag gets nothing: it may be there to draw by hand
+    assert [r["type"] for r in _post(live_backend, body)] == ["brushlabels"]
+    backend = make_live_backend(base_settings, torch_predictor, out_poly=True)
+    try:
+        results = _post(backend, body)
+    finally:
+        backend.close()
     brush = [r for r in results if r["type"] == "brushlabels"]
     polygons = [r for r in results if r["type"] == "polygonlabels"]
     assert len(brush) == 1 and polygons and not [r for r in results if r["type"] == "rectanglelabels"]
@@ -255,7 +264,7 @@ def test_polygon_tolerance_is_a_setting(base_settings, torch_predictor, chelsea_
     xml = NATIVE.replace("{extra}", POLYGONS)
     points = {}
     for tolerance in (0.0, 1.0):
-        backend = make_live_backend(base_settings, torch_predictor, polygon_tolerance=tolerance)
+        backend = make_live_backend(base_settings, torch_predictor, polygon_tolerance=tolerance, out_poly=True)
         try:
             results = _post(backend, _click_body(chelsea_path, 505 + int(tolerance), xml))
         finally:
@@ -289,7 +298,7 @@ def test_server_adds_a_rectangle_with_out_bbox(base_settings, torch_predictor, c
 def test_server_without_out_mask_sends_only_the_outlines(base_settings, torch_predictor, chelsea_path):
     from conftest import make_live_backend
 
-    backend = make_live_backend(base_settings, torch_predictor, out_mask=False, out_bbox=True)
+    backend = make_live_backend(base_settings, torch_predictor, out_mask=False, out_bbox=True, out_poly=True)
     try:
         body = _click_body(chelsea_path, 504, NATIVE.replace("{extra}", POLYGONS))
         types = [r["type"] for r in _post(backend, body)]

@@ -219,8 +219,8 @@ def test_the_memory_is_kept_per_task(make):
 POLYGONS = '<PolygonLabels name="poly" toName="image"><Label value="Cat"/></PolygonLabels></View>'
 
 
-def test_a_polygon_tag_adds_polygon_results_and_out_bbox_a_rectangle(make):
-    model, predictor, _ = make(out_bbox=True)
+def test_out_poly_adds_polygon_results_and_out_bbox_a_rectangle(make):
+    model, predictor, _ = make(out_bbox=True, out_poly=True)
     body = recorded("keypoints_positive_and_negative")
     body["label_config"] = body["label_config"].replace("</View>", POLYGONS)
     regions = only_result(model.predict(body))
@@ -235,7 +235,7 @@ def test_a_polygon_tag_adds_polygon_results_and_out_bbox_a_rectangle(make):
 
 
 def test_out_mask_off_leaves_the_brush_region_out(make):
-    model, _, _ = make(out_mask=False)
+    model, _, _ = make(out_mask=False, out_poly=True)
     body = recorded("keypoints_positive_and_negative")
     body["label_config"] = body["label_config"].replace("</View>", POLYGONS)
     assert [r["type"] for r in only_result(model.predict(body))] == ["polygonlabels"]

@@ -96,10 +96,11 @@ def test_mask_results_follow_config_and_settings():
 
     brush = ("brushlabels", "tag", ["Cat"])
     assert kinds(config()) == [brush]  # a smart rectangle tag alone gets no boxes
-    assert kinds(config(POLYGONS)) == [brush, ("polygonlabels", "poly", ["Cat"])]
-    assert kinds(config(POLYGONS), out_bbox=True) == [brush, ("polygonlabels", "poly", ["Cat"]),
-                                                      ("rectanglelabels", "tag3", ["Cat"])]
-    assert kinds(config(POLYGONS), out_mask=False) == [("polygonlabels", "poly", ["Cat"])]
+    assert kinds(config(POLYGONS)) == [brush]  # a PolygonLabels tag alone (the seed's, for drawing by hand) neither
+    assert kinds(config(POLYGONS), out_poly=True) == [brush, ("polygonlabels", "poly", ["Cat"])]
+    assert kinds(config(POLYGONS), out_poly=True, out_bbox=True) == [brush, ("polygonlabels", "poly", ["Cat"]),
+                                                                     ("rectanglelabels", "tag3", ["Cat"])]
+    assert kinds(config(POLYGONS), out_poly=True, out_mask=False) == [("polygonlabels", "poly", ["Cat"])]
 
 
 def test_outputs_follow_the_seed_aliases():
