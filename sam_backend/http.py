@@ -87,10 +87,10 @@ def create_app(model: Backend, settings: Settings) -> Flask:
         if not host_allowed(host, settings.allowed_server_hosts):
             # DNS rebinding: a page of another site, its name re-pointed at this server, would otherwise be
             # served as if it were on the same origin.
-            return _error(400, f"Host {host!r} is not a name of this server; add it to ALLOWED_HOSTS")
+            return _refused(400, f"Host {host!r} is not a name of this server; add it to ALLOWED_HOSTS")
         if request.method == "POST" and request.routing_exception is None and not _is_json(request.mimetype):
             # Cross-site pages may POST text/plain or form bodies without a CORS preflight; a JSON type needs one.
-            return _error(415, f"send the body as JSON with Content-Type: application/json (got "
+            return _refused(415, f"send the body as JSON with Content-Type: application/json (got "
                                f"{request.mimetype or 'no Content-Type'!r})")
         if settings.basic_auth_user and not _authorized(settings):
             return Response(response='{"error": "authentication required"}', status=401,
@@ -136,6 +136,7 @@ def create_app(model: Backend, settings: Settings) -> Flask:
 
     @app.errorhandler(ClientError)
     def _client_error(error: ClientError):
+        _log_refusal(error.status, error.message)
         return jsonify(error=error.message), error.status
 
     @app.errorhandler(HTTPException)
@@ -190,6 +191,17 @@ def _is_json(mimetype: str) -> bool:
 
 def _error(status: int, message: str) -> Response:
     return Response(response=json.dumps({"error": message}), status=status, mimetype="application/json")
+
+
+def _refused(status: int, message: str) -> Response:
+    _log_refusal(status, message)
+    return _error(status, message)
+
+
+def _log_refusal(status: int, message: str) -> None:
+    """Log why a request was refused: Label Studio shows its users only the status line of an error answer
+    ("422 Client Error: UNPROCESSABLE ENTITY for url ..."), never the JSON reason, so the log is where it is read."""
+    log.warning("%s %s refused with %d: %s", request.method, request.path, status, message)
 
 
 def _json_body() -> Any:

@@ -1,0 +1,35 @@
+"""sam_backend.http: a refused request's reason is in the log as well as in its JSON answer, since Label Studio
+shows its users only the status line of an error answer."""
+from __future__ import annotations
+
+import logging
+
+from model import SamModel
+from sam_backend.http import create_app
+from sam_backend.settings import Settings
+from tools.harness.fake_predictor import FakePredictor
+
+
+def client():
+    settings = Settings(state_store="memory")
+    return create_app(SamModel(FakePredictor(), settings), settings).test_client()
+
+
+def test_refusals_are_logged_with_their_reason(caplog):
+    app = client()
+    with caplog.at_level(logging.WARNING, logger="sam_backend.http"):
+        host = app.get("/health", headers={"Host": "ml.example.com"})
+        typed = app.post("/predict", data="{}", content_type="text/plain")
+        setup = app.post("/setup", json={"project": "1.1", "schema": "<View></View>"})
+    assert host.status_code == 400 and "ALLOWED_HOSTS" in host.json["error"]
+    assert typed.status_code == 415
+    assert 400 <= setup.status_code < 500 and setup.json["error"]
+    assert "GET /health refused with 400: Host 'ml.example.com' is not a name of this server" in caplog.text
+    assert "POST /predict refused with 415" in caplog.text
+    assert f"POST /setup refused with {setup.status_code}: {setup.json['error']}" in caplog.text
+
+
+def test_an_answered_request_logs_no_refusal(caplog):
+    with caplog.at_level(logging.WARNING, logger="sam_backend.http"):
+        assert client().get("/health").status_code == 200
+    assert "refused" not in caplog.text
