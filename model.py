@@ -386,7 +386,7 @@ class SamModel:
     def box_prediction(self, task: Mapping, config: label_config.ProjectConfig, embedding: Embedding,
                        own_versions: tuple[str, ...] = ()) -> list[dict]:
         """One mask per rectangle of the task (`labelstudio.boxes`), of the rectangle's class: the regions of a
-        prediction (brush, and polygons where the config has a PolygonLabels tag); [] without rectangles."""
+        prediction (brush, and polygons with OUT_POLY and a PolygonLabels tag); [] without rectangles."""
         found: list[dict] = []
         for image_name in config.image_tags:
             for box in boxes.task_boxes(task, config, image_name, own_versions):

@@ -201,7 +201,9 @@ def _refused(status: int, message: str) -> Response:
 def _log_refusal(status: int, message: str) -> None:
     """Log why a request was refused: Label Studio shows its users only the status line of an error answer
     ("422 Client Error: UNPROCESSABLE ENTITY for url ..."), never the JSON reason, so the log is where it is read."""
-    log.warning("%s %s refused with %d: %s", request.method, request.path, status, message)
+    if len(message) > 500:  # messages quote names from the body: one request must not write megabytes of log
+        message = message[:500] + f"... ({len(message)} characters)"
+    log.warning("%s %s refused with %d: %s", request.method, request.path[:200], status, message)
 
 
 def _json_body() -> Any:
