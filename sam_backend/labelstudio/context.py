@@ -155,6 +155,19 @@ def draft_regions(task: Mapping[str, Any], config: ProjectConfig) -> list[Region
     return regions
 
 
+def draft_author(task: Mapping[str, Any]) -> str | None:
+    """Who is annotating, as the newest draft names them (its `user`, Label Studio's user e-mail), or None.
+
+    Label Studio sends an interactive call only the drafts of the user who clicked, and names that user nowhere
+    else; before the editor's first autosave of an annotation there is none.
+    """
+    drafts = task.get("drafts")
+    if not isinstance(drafts, list) or not drafts or not isinstance(drafts[-1], Mapping):
+        return None
+    user = drafts[-1].get("user")
+    return user if isinstance(user, str) and user else None
+
+
 def check_sizes(regions: Sequence[Region], size: tuple[int, int], image: str) -> None:
     """Refuse a context measured on another image than the one the task names. size: (H, W) of the task's
     image; image: what to call it in the error (its redacted URL). A pixel of difference is rounding."""

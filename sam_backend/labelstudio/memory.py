@@ -73,9 +73,36 @@ def exchange_groups(groups: Mapping[Group, Sequence[Region]], call: Sequence[Reg
     return updated, Older(remembered, [r for r in drafted if r.target_key not in stale])
 
 
+Partitions = dict[str | None, dict[Group, tuple[Region, ...]]]  # annotator (None: not known yet) -> groups
+
+
+def exchange_partitions(partitions: Mapping[str | None, Mapping[Group, Sequence[Region]]], annotator: str | None,
+                        call: Sequence[Region], drafted: Sequence[Region]) -> tuple[Partitions, Older]:
+    """`exchange_groups` within the groups of one annotator of a task, so that two annotators of one task never
+    get each other's regions, nor finish each other's objects.
+
+    Label Studio names the caller only in its own autosaved draft (`context.draft_author`), and the first calls
+    on a fresh annotation come before any autosave: such calls file their groups as the task's unowned ones
+    (None). A call that names its annotator takes them all over when one of them holds a region of its call
+    or draft (they are its own earlier calls; the draft is usually an action behind, so it may show only some
+    of them), and leaves them alone otherwise (another annotator's first calls). Two annotators who both click
+    a task before either's first autosave share the unowned groups.
+    """
+    updated: Partitions = {owner: dict(groups) for owner, groups in partitions.items()}
+    own = updated.pop(annotator, {})
+    if annotator is not None and None in updated:
+        shown = {r.id for r in call} | {r.id for r in drafted}
+        if any(r.id in shown for regions in updated[None].values() for r in regions):
+            own.update(updated.pop(None))  # written after the annotator's calls filed as own, if any
+    own, older = exchange_groups(own, call, drafted)
+    if own:
+        updated[annotator] = own
+    return updated, older
+
+
 @dataclass
 class _TaskMemory:
-    groups: dict[Group, tuple[Region, ...]] = field(default_factory=dict)
+    groups: Partitions = field(default_factory=dict)
     # target key -> (the prompt that produced the mask, its (1, 256, 256) low-resolution logits)
     masks: dict[tuple[str, str], tuple[Prompt, np.ndarray]] = field(default_factory=dict)
 
@@ -101,12 +128,13 @@ class PromptMemory:
         # memory, and the mask bound across tasks, atomic.
         self._lock = threading.Lock()
 
-    def exchange(self, task_key: Hashable, regions: Sequence[Region], drafted: Sequence[Region] = ()) -> Older:
-        """Record this call's groups (`exchange_groups`); return what of the other groups and of the draft
-        (`drafted`) still counts."""
+    def exchange(self, task_key: Hashable, regions: Sequence[Region], drafted: Sequence[Region] = (),
+                 annotator: str | None = None) -> Older:
+        """Record this call's groups among `annotator`'s (`exchange_partitions`, `exchange_groups`); return what
+        of the other groups and of the draft (`drafted`) still counts."""
         with self._lock:
             memory = self._touch(task_key)
-            memory.groups, older = exchange_groups(memory.groups, regions, drafted)
+            memory.groups, older = exchange_partitions(memory.groups, annotator, regions, drafted)
         return older
 
     def previous_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt) -> np.ndarray | None:
@@ -180,16 +208,19 @@ class SharedPromptMemory:
         # a mask record is about 256 KiB; max_tasks of them and their tasks' groups
         self._local = MemoryStore(max_bytes=max_tasks * (300 << 10), max_items=4 * max_tasks)
 
-    def exchange(self, task_key: Hashable, regions: Sequence[Region], drafted: Sequence[Region] = ()) -> Older:
+    def exchange(self, task_key: Hashable, regions: Sequence[Region], drafted: Sequence[Region] = (),
+                 annotator: str | None = None) -> Older:
         """As `PromptMemory.exchange`."""
         key = _store_key(task_key)
         record = self._read(GROUPS, key)
-        groups: dict[Group, tuple[Region, ...]] = {}
+        partitions: Partitions = {}
         if record is not None:
-            groups = {(g[0], g[1]): tuple(_region(r) for r in rs) for g, rs in record[1]["groups"]}
-        groups, older = exchange_groups(groups, regions, drafted)
-        self._write(GROUPS, key, {}, {"groups": [[list(group), [asdict(r) for r in rs]]
-                                                 for group, rs in groups.items()]})
+            partitions = {owner: {(g[0], g[1]): tuple(_region(r) for r in rs) for g, rs in groups}
+                          for owner, groups in record[1]["partitions"]}
+        partitions, older = exchange_partitions(partitions, annotator, regions, drafted)
+        self._write(GROUPS, key, {}, {"partitions": [
+            [owner, [[list(group), [asdict(r) for r in rs]] for group, rs in groups.items()]]
+            for owner, groups in partitions.items()]})
         return older
 
     def previous_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt) -> np.ndarray | None:
@@ -238,7 +269,8 @@ class SharedPromptMemory:
         self.store.put(namespace, key, value, self.ttl)
 
 
-GROUPS = "prompt-groups"
+#: "-2": records hold the groups per annotator; a worker of an older version reads "groups" and would fail on them
+GROUPS = "prompt-groups-2"
 #: "-2": since a mask may be a crop's (zoom-in), records carry a view; a worker of an older version sharing the store
 #: would read them as whole-image masks, so they live apart
 MASKS = "prompt-masks-2"

@@ -3,7 +3,8 @@
 The prompt for a class is assembled from three places (the regions of each are parsed by `context`):
 
 1. the call itself (authoritative for its own type and label: it holds all of them);
-2. what this server saw in earlier calls for the same task and class (`memory.PromptMemory`, bounded and expiring);
+2. what this server saw in earlier calls for the same task and class from the same annotator (`memory.PromptMemory`,
+   bounded and expiring; the annotator is the one the draft names: `memory.exchange_partitions`);
 3. the task's autosaved draft, which holds every region but is usually one action behind.
 
 All positive and negative keypoints of the class go into the prompt, with the newest rectangle, except older
@@ -19,7 +20,7 @@ from typing import Any, Collection, Hashable, Iterable, Mapping, Sequence
 import numpy as np
 
 from sam_backend.errors import ContextError
-from sam_backend.labelstudio.context import Region, draft_regions
+from sam_backend.labelstudio.context import Region, draft_author, draft_regions
 from sam_backend.labelstudio.label_config import ProjectConfig
 from sam_backend.labelstudio.memory import PromptMemory
 from sam_backend.sam import zoom
@@ -42,7 +43,7 @@ def assemble(call: Sequence[Region], task: Mapping[str, Any], config: ProjectCon
     `mask_input`, or for two clicks (still ambiguous) as `previous`; the caller decodes the prompt in its view
     and hands each new mask back with `memory.remember_mask`.
     """
-    older = memory.exchange(task_key, call, draft_regions(task, config))
+    older = memory.exchange(task_key, call, draft_regions(task, config), draft_author(task))
     everything = combine(call, older.remembered, older.drafted)
     call_ids = {r.id for r in call}
     prompts = []

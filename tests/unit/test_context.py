@@ -155,6 +155,14 @@ def test_draft_regions_come_from_the_newest_draft_and_skip_what_is_not_ours():
     assert context.draft_regions({}, config) == []
 
 
+def test_draft_author_is_the_user_the_newest_draft_names():
+    task = recorded("keypoint_with_rectangle_in_draft")["tasks"][0]
+    assert context.draft_author(task) == "e2e@example.com"  # as a real Label Studio 1.23 sends it
+    assert context.draft_author({"drafts": [{"user": "old@x"}, {"user": "new@x"}]}) == "new@x"
+    for drafts in (None, [], "x", [None], [{"result": []}], [{"user": 7}], [{"user": ""}]):
+        assert context.draft_author({"drafts": drafts}) is None
+
+
 # ---- the image's size -------------------------------------------------------------------------------------
 def test_check_sizes_refuses_a_context_drawn_on_another_image():
     regions = parse(keypoint(id="a", original_width=451, original_height=300), keypoint(id="b"))

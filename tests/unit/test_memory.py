@@ -89,6 +89,34 @@ def test_after_a_finish_the_draft_tells_which_other_regions_came_later(make):
     assert older.remembered == [] and [r.id for r in older.drafted] == ["d1"]
 
 
+@pytest.mark.parametrize("make", MEMORIES, ids=["process", "shared"])
+def test_two_annotators_of_one_task_neither_get_nor_finish_each_others_regions(make):
+    """Label Studio names the caller only in its draft: A's calls after an autosave are A's. B's first call
+    (no draft yet) must not finish A's object (B's `1` group lacks A's `1` clicks) nor get A's regions."""
+    memory = make()
+    a1, a2 = click("a1"), click("a2", "-1", CAT_NEGATIVE)
+    memory.exchange("task", [a1], [a1], annotator="a@x")
+    assert memory.exchange("task", [a2], [a1], annotator="a@x").remembered == [a1]
+    assert memory.exchange("task", [click("b1")]).remembered == []  # B, before any autosave
+    assert memory.exchange("task", [click("b2", "-1", CAT_NEGATIVE)]).remembered[0].id == "b1"
+    assert memory.exchange("task", [a1, click("a3")], [a1, a2], annotator="a@x").remembered == [a2]
+    # B's draft appears: B takes over B's draft-less groups, and still never sees A's
+    b = memory.exchange("task", [click("b1"), click("b4")], [click("b1")], annotator="b@x").remembered
+    assert [r.id for r in b] == ["b2"]
+
+
+@pytest.mark.parametrize("make", MEMORIES, ids=["process", "shared"])
+def test_an_annotators_calls_before_the_first_autosave_are_taken_over_by_the_later_ones(make):
+    memory = make()
+    memory.exchange("task", [click("a1")])  # a fresh annotation: no draft, nobody named
+    memory.exchange("task", [click("a2", "-1", CAT_NEGATIVE)])
+    older = memory.exchange("task", [click("a1"), click("a3")], [click("a1")], annotator="a@x")
+    assert [r.id for r in older.remembered] == ["a2"]  # also the group the draft (an action behind) lacks
+    # taken over: a call of nobody named no longer sees them
+    assert memory.exchange("task", [click("n", "-1", CAT_NEGATIVE)]).remembered == []
+    assert [r.id for r in memory.exchange("task", [click("a1"), click("a3")], annotator="a@x").remembered] == ["a2"]
+
+
 def test_exchange_is_per_task():
     memory = PromptMemory()
     memory.exchange(("project", 1, "url"), [click("a")])

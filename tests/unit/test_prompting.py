@@ -186,6 +186,32 @@ def test_after_an_accepted_suggestion_the_next_objects_first_click_is_alone():
         assert np.allclose(prompt.points, [[405.9, 30]]) and prompt.labels.tolist() == [1]
 
 
+def test_two_annotators_on_one_task_keep_their_own_alias_clicks():
+    """A's `1` and `-1` clicks (autosaved, so the draft names A), then B's first clicks on the same task without a
+    draft: B's `-1` click gets none of A's clicks (alone it asks for nothing), B's `1` click is alone, and A's
+    next `1` click still comes with A's `-1`, which A's draft (an action behind) does not show."""
+    memory = PromptMemory()
+    first, negative = recorded("alias_positive_keypoint"), recorded("alias_negative_keypoint_alone")
+    a_draft = [{"user": "a@example.com", "result": first["params"]["context"]["result"]}]
+    first["tasks"][0]["drafts"] = a_draft
+    negative["tasks"][0]["drafts"] = a_draft
+    assemble(first, memory)
+    assemble(negative, memory)
+    of_b = recorded("alias_negative_keypoint_alone")
+    click = of_b["params"]["context"]["result"][0]
+    of_b["params"]["context"]["result"][0] = dict(click, id="b-negative", value=dict(click["value"], x=10, y=90))
+    assert assemble(of_b, memory) == []
+    of_b = recorded("alias_positive_keypoint")
+    click = of_b["params"]["context"]["result"][0]
+    of_b["params"]["context"]["result"][0] = dict(click, id="b-positive", value=dict(click["value"], x=90, y=60))
+    ((_, prompt),) = assemble(of_b, memory)
+    assert np.allclose(prompt.points, [[45.1, 270], [405.9, 180]]) and prompt.labels.tolist() == [0, 1]  # B's own
+    again = recorded("alias_positive_keypoint")
+    again["tasks"][0]["drafts"] = a_draft
+    ((_, prompt),) = assemble(again, memory)  # the remembered -1 first: newest last
+    assert np.allclose(prompt.points, [[405.9, 30], [180.4, 135]]) and prompt.labels.tolist() == [0, 1]
+
+
 def test_only_a_box_drawn_in_this_call_after_clicks_is_new():
     assert not assemble(recorded("rectangle"))[0][1].new_box  # a box alone
     assert not assemble(recorded("keypoint_with_rectangle_in_draft"))[0][1].new_box  # clicks added to a box
