@@ -73,30 +73,45 @@ def exchange_groups(groups: Mapping[Group, Sequence[Region]], call: Sequence[Reg
     return updated, Older(remembered, [r for r in drafted if r.target_key not in stale])
 
 
-Partitions = dict[str | None, dict[Group, tuple[Region, ...]]]  # annotator (None: not known yet) -> groups
+#: seconds an annotation's calls before its first autosave (unowned groups) are kept for the first call that names
+#: their annotator: the editor autosaves within seconds, so older ones are of an object accepted before that
+UNOWNED_TTL = 300.0
 
 
-def exchange_partitions(partitions: Mapping[str | None, Mapping[Group, Sequence[Region]]], annotator: str | None,
-                        call: Sequence[Region], drafted: Sequence[Region]) -> tuple[Partitions, Older]:
-    """`exchange_groups` within the groups of one annotator of a task, so that two annotators of one task never
-    get each other's regions, nor finish each other's objects.
+class Partition(NamedTuple):
+    """One annotator's remembered groups of a task, and when a call last wrote them (the memory's clock, s)."""
 
-    Label Studio names the caller only in its own autosaved draft (`context.draft_author`), and the first calls
-    on a fresh annotation come before any autosave: such calls file their groups as the task's unowned ones
-    (None). A call that names its annotator takes them all over when one of them holds a region of its call
-    or draft (they are its own earlier calls; the draft is usually an action behind, so it may show only some
-    of them), and leaves them alone otherwise (another annotator's first calls). Two annotators who both click
-    a task before either's first autosave share the unowned groups.
+    groups: dict[Group, tuple[Region, ...]]
+    written: float
+
+
+Partitions = dict[str | None, Partition]  # annotator (None: not named yet) -> their groups
+
+
+def exchange_partitions(partitions: Mapping[str | None, Partition], annotator: str | None, call: Sequence[Region],
+                        drafted: Sequence[Region], now: float) -> tuple[Partitions, Older]:
+    """`exchange_groups` within one annotator's groups of a task, so that two annotators of one task never get
+    each other's regions, nor finish each other's objects.
+
+    Label Studio names the caller only in its own autosaved draft (`context.draft_author`). The first calls of an
+    annotation come before any autosave (a fresh one, or one edited again after a submit, which deletes the
+    draft): they name nobody and file their groups as the task's unowned ones (None). The first call that names
+    its annotator and shows one of them (in the call or the draft, which is usually an action behind and may
+    show only some) takes them all over, in place of that annotator's older groups (those of an annotation
+    submitted since); a call that shows none leaves them (another annotator's first calls). Unowned groups
+    that nobody takes over within UNOWNED_TTL seconds are dropped. Two annotators whose first calls of an
+    annotation overlap share the unowned groups until one of them is named.
     """
-    updated: Partitions = {owner: dict(groups) for owner, groups in partitions.items()}
-    own = updated.pop(annotator, {})
+    updated: Partitions = {owner: Partition(dict(part.groups), part.written) for owner, part in partitions.items()
+                           if owner is not None or now - part.written <= UNOWNED_TTL}
+    own = updated.pop(annotator).groups if annotator in updated else {}
     if annotator is not None and None in updated:
         shown = {r.id for r in call} | {r.id for r in drafted}
-        if any(r.id in shown for regions in updated[None].values() for r in regions):
-            own.update(updated.pop(None))  # written after the annotator's calls filed as own, if any
+        if any(r.id in shown for regions in updated[None].groups.values() for r in regions):
+            own = updated.pop(None).groups
     own, older = exchange_groups(own, call, drafted)
     if own:
-        updated[annotator] = own
+        updated[annotator] = Partition(own, now)
     return updated, older
 
 
@@ -123,6 +138,7 @@ class PromptMemory:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_tasks = max_tasks
         self.ttl = ttl
+        self._clock = clock
         self._tasks: BoundedLRU[Hashable, _TaskMemory] = BoundedLRU(max_tasks, ttl=ttl, clock=clock)
         # The table locks each of its own operations; this one makes a call's read-modify-write of a task's
         # memory, and the mask bound across tasks, atomic.
@@ -134,7 +150,7 @@ class PromptMemory:
         of the other groups and of the draft (`drafted`) still counts."""
         with self._lock:
             memory = self._touch(task_key)
-            memory.groups, older = exchange_partitions(memory.groups, annotator, regions, drafted)
+            memory.groups, older = exchange_partitions(memory.groups, annotator, regions, drafted, self._clock())
         return older
 
     def previous_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt) -> np.ndarray | None:
@@ -215,12 +231,12 @@ class SharedPromptMemory:
         record = self._read(GROUPS, key)
         partitions: Partitions = {}
         if record is not None:
-            partitions = {owner: {(g[0], g[1]): tuple(_region(r) for r in rs) for g, rs in groups}
-                          for owner, groups in record[1]["partitions"]}
-        partitions, older = exchange_partitions(partitions, annotator, regions, drafted)
+            partitions = {owner: Partition({(g[0], g[1]): tuple(_region(r) for r in rs) for g, rs in groups}, written)
+                          for owner, written, groups in record[1]["partitions"]}
+        partitions, older = exchange_partitions(partitions, annotator, regions, drafted, time.time())
         self._write(GROUPS, key, {}, {"partitions": [
-            [owner, [[list(group), [asdict(r) for r in rs]] for group, rs in groups.items()]]
-            for owner, groups in partitions.items()]})
+            [owner, part.written, [[list(group), [asdict(r) for r in rs]] for group, rs in part.groups.items()]]
+            for owner, part in partitions.items()]})
         return older
 
     def previous_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt) -> np.ndarray | None:

@@ -9,7 +9,7 @@ import pytest
 
 from sam_backend.labelstudio.context import Region
 from sam_backend.labelstudio.label_config import Target
-from sam_backend.labelstudio.memory import PromptMemory, SharedPromptMemory
+from sam_backend.labelstudio.memory import UNOWNED_TTL, PromptMemory, SharedPromptMemory
 from sam_backend.sam.types import Prompt
 from sam_backend.store.memory import MemoryStore
 
@@ -115,6 +115,40 @@ def test_an_annotators_calls_before_the_first_autosave_are_taken_over_by_the_lat
     # taken over: a call of nobody named no longer sees them
     assert memory.exchange("task", [click("n", "-1", CAT_NEGATIVE)]).remembered == []
     assert [r.id for r in memory.exchange("task", [click("a1"), click("a3")], annotator="a@x").remembered] == ["a2"]
+
+
+@pytest.mark.parametrize("make", MEMORIES, ids=["process", "shared"])
+def test_another_annotators_first_negative_click_gets_none_of_the_named_ones_positives(make):
+    memory = make()
+    memory.exchange("task", [click("a1")], [click("a1")], annotator="a@x")
+    assert memory.exchange("task", [click("b1", "-1", CAT_NEGATIVE)]).remembered == []  # B's, not A's object
+
+
+@pytest.mark.parametrize("make", MEMORIES, ids=["process", "shared"])
+def test_an_edit_after_a_submit_starts_without_the_submitted_objects_groups(make):
+    """A submit deletes the draft: the edit's first calls name nobody. Once named again, they replace the
+    annotator's groups of before, whose last object was accepted without a call that says so."""
+    for first_of_edit, next_of_edit in ((click("x1"), [click("x1"), click("x2")]),
+                                        (click("y1", "-1", CAT_NEGATIVE),
+                                         [click("y1", "-1", CAT_NEGATIVE), click("y2", "-1", CAT_NEGATIVE)])):
+        memory = make()
+        memory.exchange("task", [click("a1")], [click("z")], annotator="a@x")
+        memory.exchange("task", [click("n1", "-1", CAT_NEGATIVE)], [click("a1")], annotator="a@x")
+        memory.exchange("task", [first_of_edit])  # submitted, opened again: no draft
+        assert memory.exchange("task", next_of_edit, [first_of_edit], annotator="a@x").remembered == []
+
+
+def test_unowned_groups_nobody_takes_over_are_dropped_after_unowned_ttl():
+    """A's first click accepted before the first autosave is never shown by a later call: B's first `-1`
+    click on the task minutes later must not get it."""
+    clock = Clock()
+    memory = PromptMemory(clock=clock)
+    memory.exchange("task", [click("a1")])
+    memory.exchange("task", [click("a2")], [], annotator="a@x")
+    clock.now += UNOWNED_TTL - 1
+    assert [r.id for r in memory.exchange("task", [click("c1", "-1", CAT_NEGATIVE)]).remembered] == ["a1"]
+    clock.now += UNOWNED_TTL + 1
+    assert memory.exchange("task", [click("b1", "-1", CAT_NEGATIVE)]).remembered == []
 
 
 def test_exchange_is_per_task():
