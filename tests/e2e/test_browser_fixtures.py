@@ -169,3 +169,40 @@ def test_replayed_clicks_and_box_give_the_recorded_masks(live_backend, image_pat
     (webhook,) = calls(flow, "/webhook", step="submit")
     stored = [r for r in webhook["body"]["annotation"]["result"] if r["type"] == "brushlabels"]
     assert len(stored) == 1 and iou(decode_brush(stored[0]), masks[-1]) >= 0.95
+
+
+def test_another_annotators_click_on_the_task_changes_nothing_of_the_first_ones_object(live_backend, image_paths,
+                                                                                         reference):
+    """The alias flow by annotator A, who has an object accepted already (the drafts name A, an action behind,
+    as after autosaves), and between A's first click and A's negative one, annotator B's first clicks on the
+    same task (no draft yet): B's lone `-1` asks for nothing (it got A's `1` click: A's object), B's `1` click
+    is B's alone, and A's masks are those of A's clicks (the memory is per annotator)."""
+    recorded = interactive_calls("alias")
+    meant = expected_prompts([c["body"]["params"]["context"] for c in recorded])
+    task_id = TASK_IDS["alias"] + 2000
+    # A's annotation as A's last autosave holds it: an object accepted before (a brush region), then the clicks
+    shown: list[dict] = [dict(recorded[0]["answer"]["results"][0]["result"][0], id="accepted-before")]
+
+    def of_b(step: int, region_id: str) -> dict:
+        body = copy.deepcopy(recorded[step]["body"])
+        (point,) = body["params"]["context"]["result"]
+        body["params"]["context"]["result"] = [dict(point, id=region_id, value=dict(point["value"], x=8, y=85))]
+        return body
+
+    for step, (call, prompt) in enumerate(zip(recorded, meant)):
+        if step == 1:  # B's first clicks, on the background
+            answer = replay(live_backend, of_b(1, "b-negative"), image_paths["alias"], task_id)
+            assert answer.status_code == 200 and answer.json()["results"][0]["result"] == [], answer.text[:300]
+            answer = replay(live_backend, of_b(0, "b-positive"), image_paths["alias"], task_id)
+            assert answer.status_code == 200, answer.text
+            (region,) = answer.json()["results"][0]["result"]
+            alone = reference({"points": [(8, 85, False), (8, 85, True)], "box": None})
+            assert iou(decode_brush(region), alone) >= 0.9, "B's click was mixed with A's"
+        body = call["body"]
+        body["tasks"][0]["drafts"] = [{"id": 1, "user": "a@example.com", "result": copy.deepcopy(shown)}]
+        answer = replay(live_backend, body, image_paths["alias"], task_id)
+        assert answer.status_code == 200, answer.text
+        (region,) = answer.json()["results"][0]["result"]
+        overlap = iou(decode_brush(region), reference(prompt))
+        assert overlap >= 0.9, f"A's {call['step']}: IoU {overlap:.3f} with MobileSAM on {prompt}"
+        shown += body["params"]["context"]["result"]
