@@ -142,10 +142,7 @@ def draft_regions(task: Mapping[str, Any], config: ProjectConfig) -> list[Region
     A draft holds the user's whole annotation (brush strokes, other tools): only well-formed prompt regions
     of known labels count, since anything else there is not addressed to us.
     """
-    drafts = task.get("drafts")
-    if not isinstance(drafts, list) or not drafts or not isinstance(drafts[-1], Mapping):
-        return []
-    result = drafts[-1].get("result")
+    result = _newest_draft(task).get("result")
     regions = []
     for i, raw in enumerate(result if isinstance(result, list) else []):
         try:
@@ -161,11 +158,14 @@ def draft_author(task: Mapping[str, Any]) -> str | None:
     Label Studio sends an interactive call only the drafts of the user who clicked, and names that user nowhere
     else; before the editor's first autosave of an annotation there is none.
     """
-    drafts = task.get("drafts")
-    if not isinstance(drafts, list) or not drafts or not isinstance(drafts[-1], Mapping):
-        return None
-    user = drafts[-1].get("user")
+    user = _newest_draft(task).get("user")
     return user if isinstance(user, str) and user else None
+
+
+def _newest_draft(task: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The task's newest draft, or {} when it has none (or `drafts` is malformed)."""
+    drafts = task.get("drafts")
+    return drafts[-1] if isinstance(drafts, list) and drafts and isinstance(drafts[-1], Mapping) else {}
 
 
 def check_sizes(regions: Sequence[Region], size: tuple[int, int], image: str) -> None:
