@@ -93,6 +93,7 @@ def create_app(model: Backend, settings: Settings) -> Flask:
             return _refused(415, f"send the body as JSON with Content-Type: application/json (got "
                                f"{request.mimetype or 'no Content-Type'!r})")
         if settings.basic_auth_user and not _authorized(settings):
+            _log_refusal(401, "no or wrong Basic auth credentials (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
             return Response(response='{"error": "authentication required"}', status=401,
                             mimetype="application/json",
                             headers={"WWW-Authenticate": 'Basic realm="sam-backend"'})
@@ -141,6 +142,8 @@ def create_app(model: Backend, settings: Settings) -> Flask:
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):
+        if error.code != 404:  # a 404 is a wrong URL (or a scanner), not a refused request of Label Studio's
+            _log_refusal(error.code or 500, f"{error.name}: {error.description}")
         return jsonify(error=f"{error.name}: {error.description}"), error.code
 
     @app.errorhandler(Exception)

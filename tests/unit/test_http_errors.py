@@ -10,8 +10,8 @@ from sam_backend.settings import Settings
 from tools.harness.fake_predictor import FakePredictor
 
 
-def client():
-    settings = Settings(state_store="memory")
+def client(**changes):
+    settings = Settings(state_store="memory", **changes)
     return create_app(SamModel(FakePredictor(), settings), settings).test_client()
 
 
@@ -33,3 +33,22 @@ def test_an_answered_request_logs_no_refusal(caplog):
     with caplog.at_level(logging.WARNING, logger="sam_backend.http"):
         assert client().get("/health").status_code == 200
     assert "refused" not in caplog.text
+
+
+def test_refusals_by_flask_and_the_basic_auth_are_logged_but_not_a_wrong_url(caplog):
+    app = client(max_content_length=1000)
+    with caplog.at_level(logging.WARNING, logger="sam_backend.http"):
+        large = app.post("/predict", json={"tasks": [], "padding": "x" * 2000})
+        method = app.get("/predict")
+        missing = app.get("/no-such-page")
+    assert (large.status_code, method.status_code, missing.status_code) == (413, 405, 404)
+    assert "POST /predict refused with 413: Request Entity Too Large" in caplog.text
+    assert "GET /predict refused with 405: Method Not Allowed" in caplog.text
+    assert "no-such-page" not in caplog.text
+    caplog.clear()
+    app = client(basic_auth_user="ls", basic_auth_pass="secret-pass")
+    with caplog.at_level(logging.WARNING, logger="sam_backend.http"):
+        denied = app.get("/health", headers={"Authorization": "Basic bHM6d3Jvbmc="})  # ls:wrong
+    assert denied.status_code == 401
+    assert "GET /health refused with 401: no or wrong Basic auth credentials" in caplog.text
+    assert "bHM6d3Jvbmc=" not in caplog.text and "secret-pass" not in caplog.text  # no credentials in the log
