@@ -10,6 +10,7 @@ sends to a backend.
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import sqlite3
@@ -232,6 +233,24 @@ class LabelStudio(Process):
             return response.json()
         except ValueError:
             return response.text
+
+    def sign_up(self, email: str, password: str) -> "LabelStudio":
+        """A new user of the organization, signed up through the web form as a person would: a client of this
+        server that acts as that user (their legacy token)."""
+        session = requests.Session()
+        session.get(f"{self.url}/user/signup/", timeout=HTTP_TIMEOUT)
+        answer = session.post(f"{self.url}/user/signup/", timeout=HTTP_TIMEOUT, allow_redirects=False,
+                              data={"email": email, "password": password,
+                                    "csrfmiddlewaretoken": session.cookies.get("csrftoken", "")},
+                              headers={"Referer": f"{self.url}/user/signup/"})
+        if answer.status_code != 302:
+            raise HarnessError(f"signing up {email}: {answer.status_code} {answer.text[:500]}")
+        token = session.get(f"{self.url}/api/current-user/token", timeout=HTTP_TIMEOUT).json()["token"]
+        other = copy.copy(self)
+        other.session = requests.Session()
+        other.session.headers["Authorization"] = f"Token {token}"
+        other._pat = other._bearer_pat = None
+        return other
 
     def create_project(self, label_config: str, title: str | None = None, **fields: Any) -> dict:
         body = {"title": title or f"e2e {uuid.uuid4().hex[:8]}", "label_config": label_config, **fields}

@@ -390,6 +390,31 @@ def test_alias_rectangle(label_studio, alias, image_path, reference):
     assert_is_the_cat(mask, reference(box=CAT_BOX))
 
 
+def test_two_annotators_on_one_task_keep_their_clicks_apart(label_studio, alias, image_path, reference):
+    """Annotator A clicks the cat twice (`1`; the editor autosaved after the first), then annotator B, a second
+    user of the organization, opens the same task: B's first lone `-1` click asks for nothing (it got A's `1`
+    clicks, and B was shown A's cat, when the backend kept one memory per task), B's `1` click on the background
+    is B's alone, and A's `-1` still refines A's cat. Label Studio sends each caller's own drafts only."""
+    task = new_task(label_studio, alias["project"], image_path)
+    ml_id = alias["ml"]["id"]
+    first = keypoint(*CAT_CLICK, "1", width=W, height=H)
+    one_mask(label_studio.interactive_annotating(ml_id, task["id"], {"result": [first]}), "brush", "1")
+    label_studio.save_draft(task["id"], [first])
+    second = keypoint(*PART_CLICK, "1", width=W, height=H)
+    one_mask(label_studio.interactive_annotating(ml_id, task["id"], {"result": [first, second]}), "brush", "1")
+    other = label_studio.sign_up(f"b-{task['id']}@example.com", "b-password-123")
+    negative = keypoint(*PART_CLICK, "-1", width=W, height=H)
+    assert regions_of(other.interactive_annotating(ml_id, task["id"], {"result": [negative]})) == []
+    background = keypoint(*BACKGROUND_CLICK, "1", width=W, height=H)
+    mask = one_mask(other.interactive_annotating(ml_id, task["id"], {"result": [background]}), "brush", "1")
+    assert mask[pixel(*BACKGROUND_CLICK)] and not mask[pixel(*CAT_CLICK)], "B's mask holds A's cat"
+    label_studio.save_draft(task["id"], [first, second])
+    a_negative = keypoint(*BACKGROUND_CLICK, "-1", width=W, height=H)
+    mask = one_mask(label_studio.interactive_annotating(ml_id, task["id"], {"result": [a_negative]}), "brush", "1")
+    assert_is_the_cat(mask, reference([(*CAT_CLICK, True), (*PART_CLICK, True), (*BACKGROUND_CLICK, False)],
+                                      refining=([(*CAT_CLICK, True), (*PART_CLICK, True)], None)))
+
+
 # ---- predictions without a prompt -------------------------------------------------------------------------------
 def test_retrieve_predictions_returns_no_regions(label_studio, native, image_path):
     """Data Manager "Retrieve predictions": one /predict with context null, stored as an empty prediction."""
