@@ -16,7 +16,7 @@ import time
 from typing import Any, Protocol
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
 from sam_backend.errors import ClientError, RequestError
 from sam_backend.settings import Settings
@@ -93,7 +93,8 @@ def create_app(model: Backend, settings: Settings) -> Flask:
             return _refused(415, f"send the body as JSON with Content-Type: application/json (got "
                                f"{request.mimetype or 'no Content-Type'!r})")
         if settings.basic_auth_user and not _authorized(settings):
-            _log_refusal(401, "no or wrong Basic auth credentials (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
+            if not isinstance(request.routing_exception, NotFound):  # a wrong URL (a scanner) is not logged
+                _log_refusal(401, "no or wrong Basic auth credentials (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
             return Response(response='{"error": "authentication required"}', status=401,
                             mimetype="application/json",
                             headers={"WWW-Authenticate": 'Basic realm="sam-backend"'})
@@ -142,7 +143,7 @@ def create_app(model: Backend, settings: Settings) -> Flask:
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):
-        if error.code != 404:  # a 404 is a wrong URL (or a scanner), not a refused request of Label Studio's
+        if not isinstance(error, NotFound):  # a wrong URL (or a scanner), not a refused request of Label Studio's
             _log_refusal(error.code or 500, f"{error.name}: {error.description}")
         return jsonify(error=f"{error.name}: {error.description}"), error.code
 
@@ -206,7 +207,13 @@ def _log_refusal(status: int, message: str) -> None:
     ("422 Client Error: UNPROCESSABLE ENTITY for url ..."), never the JSON reason, so the log is where it is read."""
     if len(message) > 500:  # messages quote names from the body: one request must not write megabytes of log
         message = message[:500] + f"... ({len(message)} characters)"
-    log.warning("%s %s refused with %d: %s", request.method, request.path[:200], status, message)
+    # the path and the names a message quotes are the client's: a line break in them must not start a log line
+    log.warning("%s %s refused with %d: %s", request.method, _one_line(request.path[:200]), status,
+                _one_line(message))
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _json_body() -> Any:

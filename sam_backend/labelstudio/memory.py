@@ -76,6 +76,8 @@ def exchange_groups(groups: Mapping[Group, Sequence[Region]], call: Sequence[Reg
 #: seconds an annotation's calls before its first autosave (unowned groups) are kept for the first call that names
 #: their annotator: the editor autosaves within seconds, so older ones are of an object accepted before that
 UNOWNED_TTL = 300.0
+#: annotators of one task whose groups are remembered (drafts name any user a caller likes: a bound per task)
+MAX_ANNOTATORS = 64
 
 
 class Partition(NamedTuple):
@@ -110,6 +112,9 @@ def exchange_partitions(partitions: Mapping[str | None, Partition], annotator: s
         if any(r.id in shown for regions in updated[None].groups.values() for r in regions):
             own = updated.pop(None).groups
     own, older = exchange_groups(own, call, drafted)
+    excess = len(updated) + 1 - MAX_ANNOTATORS
+    for owner, _ in sorted(updated.items(), key=lambda item: item[1].written)[:max(0, excess)]:
+        del updated[owner]  # the least recently active annotators of a task beyond MAX_ANNOTATORS
     if own:
         updated[annotator] = Partition(own, now)
     return updated, older
@@ -208,13 +213,15 @@ def _same_box(a: np.ndarray | None, b: np.ndarray | None) -> bool:
 class SharedPromptMemory:
     """`PromptMemory`'s interface, kept in a state store that every worker shares (STATE_STORE disk or redis).
 
-    Per task one record of its groups' regions (namespace `prompt-groups`) and per (task, class) one record of
-    the last mask's prompt and (1, 256, 256) float32 logits (`prompt-masks-2`, with the crop it was decoded in, if
-    any), both expiring `ttl` seconds after they were last written. Each record is also kept in this process
-    (`local`, bounded like PromptMemory) and stamped with its write time: when the shared store is degraded the
-    worker answers from what it saw itself, and when it comes back the newer of the two copies wins. The store's
-    own bound (bytes, LRU) replaces PROMPT_MEMORY_SIZE's count for the shared copy. Two calls on one task at once
-    (one annotator sends them one after another) are not serialized across workers: the later write wins.
+    Per task and annotator one record of its groups' regions (namespace `prompt-groups-2`) and per (task, class)
+    one record of the last mask's prompt and (1, 256, 256) float32 logits (`prompt-masks-2`, with the crop it was
+    decoded in, if any), both expiring `ttl` seconds after they were last written. Each record is also kept in
+    this process (`local`, bounded like PromptMemory) and stamped with its write time: when the shared store is
+    degraded the worker answers from what it saw itself, and when it comes back the newer of the two copies wins.
+    The store's own bound (bytes, LRU) replaces PROMPT_MEMORY_SIZE's count for the shared copy. With a record per
+    annotator (and one of the task's unowned groups: `exchange_partitions`) calls of two annotators at once never
+    overwrite each other's; two calls of one annotator at once (the editor sends them one after another) are not
+    serialized across workers: the later write wins.
     """
 
     def __init__(self, store: StateStore, max_tasks: int = 1024, ttl: float = 3600.0) -> None:
@@ -227,16 +234,23 @@ class SharedPromptMemory:
     def exchange(self, task_key: Hashable, regions: Sequence[Region], drafted: Sequence[Region] = (),
                  annotator: str | None = None) -> Older:
         """As `PromptMemory.exchange`."""
-        key = _store_key(task_key)
-        record = self._read(GROUPS, key)
+        owners = [annotator] if annotator is None else [annotator, None]
         partitions: Partitions = {}
-        if record is not None:
-            partitions = {owner: Partition({(g[0], g[1]): tuple(_region(r) for r in rs) for g, rs in groups}, written)
-                          for owner, written, groups in record[1]["partitions"]}
-        partitions, older = exchange_partitions(partitions, annotator, regions, drafted, time.time())
-        self._write(GROUPS, key, {}, {"partitions": [
-            [owner, part.written, [[list(group), [asdict(r) for r in rs]] for group, rs in part.groups.items()]]
-            for owner, part in partitions.items()]})
+        for owner in owners:
+            record = self._read(GROUPS, _groups_key(task_key, owner))
+            if record is not None:
+                meta = record[1]
+                partitions[owner] = Partition({(g[0], g[1]): tuple(_region(r) for r in rs) for g, rs in meta["groups"]},
+                                              meta["written"])
+        updated, older = exchange_partitions(partitions, annotator, regions, drafted, time.time())
+        for owner in owners:
+            key = _groups_key(task_key, owner)
+            if owner == annotator and owner in updated:
+                part = updated[owner]
+                self._write(GROUPS, key, {}, {"written": part.written, "groups": [
+                    [list(group), [asdict(r) for r in rs]] for group, rs in part.groups.items()]})
+            elif owner in partitions and owner not in updated:  # taken over, expired, or emptied
+                self._delete(GROUPS, key)
         return older
 
     def previous_mask(self, task_key: Hashable, target: tuple[str, str], prompt: Prompt) -> np.ndarray | None:
@@ -279,17 +293,26 @@ class SharedPromptMemory:
                 store.delete(namespace, key)
         return max(found, key=lambda record: record[1].get("stamp", 0.0)) if found else None
 
+    def _delete(self, namespace: str, key: str) -> None:
+        self._local.delete(namespace, key)
+        self.store.delete(namespace, key)
+
     def _write(self, namespace: str, key: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
         value = codec.pack(arrays, {**meta, "stamp": time.time()})
         self._local.put(namespace, key, value, self.ttl)
         self.store.put(namespace, key, value, self.ttl)
 
 
-#: "-2": records hold the groups per annotator; a worker of an older version reads "groups" and would fail on them
+#: "-2": records hold one annotator's groups of a task; a worker of an older version would take them for a task's
 GROUPS = "prompt-groups-2"
 #: "-2": since a mask may be a crop's (zoom-in), records carry a view; a worker of an older version sharing the store
 #: would read them as whole-image masks, so they live apart
 MASKS = "prompt-masks-2"
+
+
+def _groups_key(task_key: Hashable, annotator: str | None) -> str:
+    """The store key of one annotator's groups of a task (None: the task's unowned ones)."""
+    return _store_key(task_key, ("annotator", annotator or ""))
 
 
 def _store_key(task_key: Hashable, target: tuple[str, str] | None = None) -> str:

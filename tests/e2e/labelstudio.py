@@ -235,18 +235,22 @@ class LabelStudio(Process):
             return response.text
 
     def sign_up(self, email: str, password: str) -> "LabelStudio":
-        """A new user of the organization, signed up through the web form as a person would: a client of this
-        server that acts as that user (their legacy token)."""
+        """A new user of the organization, signed up through the web form with its invite link as a person would
+        (the link works also where sign-up without one is disabled): a client of this server that acts as that user
+        (their legacy token) and cannot stop it."""
+        invite = f"{self.url}/user/signup/?token={self.api('GET', '/api/invite')['token']}"
         session = requests.Session()
-        session.get(f"{self.url}/user/signup/", timeout=HTTP_TIMEOUT)
-        answer = session.post(f"{self.url}/user/signup/", timeout=HTTP_TIMEOUT, allow_redirects=False,
+        session.get(invite, timeout=HTTP_TIMEOUT)
+        answer = session.post(invite, timeout=HTTP_TIMEOUT, allow_redirects=False,
                               data={"email": email, "password": password,
                                     "csrfmiddlewaretoken": session.cookies.get("csrftoken", "")},
-                              headers={"Referer": f"{self.url}/user/signup/"})
+                              headers={"Referer": invite})
         if answer.status_code != 302:
             raise HarnessError(f"signing up {email}: {answer.status_code} {answer.text[:500]}")
         token = session.get(f"{self.url}/api/current-user/token", timeout=HTTP_TIMEOUT).json()["token"]
+        session.close()
         other = copy.copy(self)
+        other.process, other._logs, other._at_exit = None, [], True  # the server stays this object's to stop
         other.session = requests.Session()
         other.session.headers["Authorization"] = f"Token {token}"
         other._pat = other._bearer_pat = None

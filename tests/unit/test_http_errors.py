@@ -49,6 +49,16 @@ def test_refusals_by_flask_and_the_basic_auth_are_logged_but_not_a_wrong_url(cap
     app = client(basic_auth_user="ls", basic_auth_pass="secret-pass")
     with caplog.at_level(logging.WARNING, logger="sam_backend.http"):
         denied = app.get("/health", headers={"Authorization": "Basic bHM6d3Jvbmc="})  # ls:wrong
-    assert denied.status_code == 401
+        scanned = app.get("/wp-login.php")
+    assert denied.status_code == 401 and scanned.status_code == 401
     assert "GET /health refused with 401: no or wrong Basic auth credentials" in caplog.text
+    assert "wp-login" not in caplog.text  # a wrong URL is not logged, behind Basic auth too
     assert "bHM6d3Jvbmc=" not in caplog.text and "secret-pass" not in caplog.text  # no credentials in the log
+
+
+def test_a_line_break_in_a_refused_path_does_not_start_a_log_line(caplog):
+    with caplog.at_level(logging.WARNING, logger="sam_backend.http"):
+        answer = client().get("/x%0AWARNING%20forged", headers={"Host": "ml.example.com"})
+    assert answer.status_code == 400
+    (record,) = caplog.records
+    assert record.getMessage().startswith("GET /x\\nWARNING forged refused with 400")

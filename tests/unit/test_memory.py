@@ -3,13 +3,14 @@ refinement, and its bounds (tasks, masks across tasks, time)."""
 from __future__ import annotations
 
 import random
+import threading
 
 import numpy as np
 import pytest
 
 from sam_backend.labelstudio.context import Region
 from sam_backend.labelstudio.label_config import Target
-from sam_backend.labelstudio.memory import UNOWNED_TTL, PromptMemory, SharedPromptMemory
+from sam_backend.labelstudio.memory import MAX_ANNOTATORS, UNOWNED_TTL, PromptMemory, SharedPromptMemory
 from sam_backend.sam.types import Prompt
 from sam_backend.store.memory import MemoryStore
 
@@ -149,6 +150,53 @@ def test_unowned_groups_nobody_takes_over_are_dropped_after_unowned_ttl():
     assert [r.id for r in memory.exchange("task", [click("c1", "-1", CAT_NEGATIVE)]).remembered] == ["a1"]
     clock.now += UNOWNED_TTL + 1
     assert memory.exchange("task", [click("b1", "-1", CAT_NEGATIVE)]).remembered == []
+
+
+def test_at_most_max_annotators_per_task_the_least_recently_active_out():
+    clock = Clock()
+    memory = PromptMemory(clock=clock)
+    for n in range(MAX_ANNOTATORS + 5):
+        clock.now += 1
+        memory.exchange("task", [click(f"p{n}")], [click(f"p{n}")], annotator=f"user{n}@x")
+    negative = click("n", "-1", CAT_NEGATIVE)
+    assert memory.exchange("task", [negative], annotator="user0@x").remembered == []  # forgotten
+    last = f"user{MAX_ANNOTATORS + 4}@x"
+    assert [r.id for r in memory.exchange("task", [negative], annotator=last).remembered] == [f"p{MAX_ANNOTATORS + 4}"]
+
+
+def test_two_annotators_calls_at_once_on_two_workers_lose_nothing():
+    """Both calls read the task's memory before either writes (two workers sharing the store): each
+    annotator's record is their own, so neither write undoes the other's."""
+    class BothReadFirst(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__(max_bytes=1 << 20)
+            self.barrier = threading.Barrier(2, timeout=10)
+            self.racing = False
+
+        def get(self, namespace, key):
+            value = super().get(namespace, key)
+            if self.racing and threading.current_thread().name.startswith("call-"):
+                self.barrier.wait()
+            return value
+
+    store = BothReadFirst()
+    workers = [SharedPromptMemory(store), SharedPromptMemory(store)]
+    workers[0].exchange("task", [click("a1")], [click("z")], annotator="a@x")
+    workers[1].exchange("task", [click("b1")], [click("y")], annotator="b@x")
+    store.racing = True
+    calls = [threading.Thread(target=workers[0].exchange, name="call-a", kwargs=dict(
+                 task_key="task", regions=[click("a1"), click("a2")], drafted=[click("a1")], annotator="a@x")),
+             threading.Thread(target=workers[1].exchange, name="call-b", kwargs=dict(
+                 task_key="task", regions=[click("b1"), click("b2")], drafted=[click("b1")], annotator="b@x"))]
+    for call in calls:
+        call.start()
+    for call in calls:
+        call.join()
+    store.racing = False
+    negative = click("n", "-1", CAT_NEGATIVE)
+    fresh = SharedPromptMemory(store)  # a third worker: only the shared store
+    assert [r.id for r in fresh.exchange("task", [negative], annotator="a@x").remembered] == ["a1", "a2"]
+    assert [r.id for r in fresh.exchange("task", [negative], annotator="b@x").remembered] == ["b1", "b2"]
 
 
 def test_exchange_is_per_task():
