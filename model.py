@@ -202,7 +202,8 @@ class SamModel:
         image_name = config.prompt_tags[regions[0].group[0]].to_name
         url = _image_url(task, index, config, image_name)
         where = _image_field(index, config, image_name)
-        embedding = self._embedding(url, task, fallback, where)
+        fetched: dict[str, tuple[tuple[str, str], bytes]] = {}  # this call's download, for its crops too
+        embedding = self._embedding(url, task, fallback, where, fetched=fetched)
         context.check_sizes(regions, embedding.original_size, redact_url(url))
         task_key = (project, task.get("id"), url)
         size = embedding.original_size
@@ -210,7 +211,8 @@ class SamModel:
         settings = self.settings if self._zoom_in == self.settings.zoom_in else replace(self.settings, zoom_in=False)
         for target, prompt in prompting.assemble(regions, task, config, self.memory, task_key, size, settings):
             # a crop around a small object (sam.zoom) has an embedding of its own, got before a decode slot
-            seen = embedding if prompt.view is None else self._embedding(url, task, fallback, where, prompt.view)
+            seen = embedding if prompt.view is None else self._embedding(url, task, fallback, where, prompt.view,
+                                                                          fetched)
             with self._clicks:
                 prediction = refinement.decode(self.predictor, seen, zoom.into(prompt, prompt.view))
                 self.memory.remember_mask(task_key, target, prompt, prediction.low_res_logits)
@@ -225,16 +227,17 @@ class SamModel:
                 del prediction, mask  # the full-size mask, before the next click may start
             if upcoming is not None and self.cache.idle:
                 self.cache.prewarm((url, upcoming), lambda view=upcoming: self._embedding(
-                    url, task, fallback, where, view))
+                    url, task, fallback, where, view, fetched))
         return results.task_result(found, self.model_version)
 
     def _embedding(self, url: str, task: Mapping, fallback: LabelStudioAccess | None, where: str,
-                   view: zoom.View | None = None) -> Embedding:
+                   view: zoom.View | None = None,
+                   fetched: dict[str, tuple[tuple[str, str], bytes]] | None = None) -> Embedding:
         """The embedding of the task's image, or of its crop `view` (`sam.zoom`). `where` names the task field
         holding `url`, for decode errors.
 
         The image is downloaded unless this URL is a Label Studio upload that gave an embedded image less than
-        IMAGE_URL_TTL seconds ago.
+        IMAGE_URL_TTL seconds ago, or `fetched` (one call's downloads: url -> (cache key, bytes)) holds it.
         """
         source = (url, fallback.url if fallback is not None else None)  # a relative URL means the fallback's
         # Only Label Studio's uploads keep their content under their URL; local files and cloud keys can be
@@ -245,7 +248,12 @@ class SamModel:
             embedding = self.cache.get(known if view is None else (*known, view))
             if embedding is not None:
                 return embedding
-        key, data = self._download(url, task, fallback)
+        if fetched is not None and url in fetched:
+            key, data = fetched[url]  # the image as this call saw it: a crop of the same bytes
+        else:
+            key, data = self._download(url, task, fallback)
+            if fetched is not None:
+                fetched[url] = key, data
 
         def embed() -> Embedding:
             pixels, size = self._decode(data, url, where)

@@ -481,6 +481,29 @@ def test_later_clicks_on_a_small_object_are_decoded_in_a_crop_around_it(zoom_in)
     assert (second.points >= 0).all() and (second.points < [crop_w, crop_h]).all()
 
 
+def test_a_click_in_a_crop_downloads_a_replaceable_image_once():
+    """A local file (or cloud object) may be replaced under its URL, so each call reads it again, but once: the
+    crop of a zoomed click, and the crop embedded ahead for the next one, are cut from the bytes the call got."""
+    predictor = MaskLogitsPredictor()
+    url = "/data/local-files/?d=big.png"
+    images = StubImages({url: png(*BIG)})
+    model = SamModel(predictor, Settings(), images=images)
+    first, second = big_image_call((40, 45)), big_image_call((40, 45), (41, 45.5))
+    for body in (first, second):
+        body["tasks"][0]["data"]["image"] = url
+    try:
+        model.predict(first)
+        model.cache._prewarm_pool.submit(lambda: None).result(30)  # one thread: the crop ahead is embedded
+        assert len(predictor.images) == 2  # the whole image, and the crop embedded ahead
+        model.predict(second)
+        model.cache._prewarm_pool.submit(lambda: None).result(30)
+    finally:
+        model.cache.close()
+    assert len(predictor.images) == 2 and predictor.images[1] != BIG  # the second click: in the crop
+    assert predictor.prompts[1].points[0][0] < 0.40 * BIG[1] - 1  # (in the crop's pixels)
+    assert [fetched[0] for fetched in images.fetches] == [url, url]  # one download a call
+
+
 def test_a_predictor_whose_frame_is_stretched_is_not_zoomed():
     """SAM 2's low-resolution masks stretch the image over the 256x256 frame (`stretches_frame`), where zoom-in's
     geometry is SAM's padded frame: such a predictor decodes every click in the whole image."""
